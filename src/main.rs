@@ -1,1 +1,9 @@
-fn main(){}
+use clap::Parser;
+
+fn main() {
+    let cli = distil::cli::Cli::parse();
+    if let Err(e) = distil::cli::run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

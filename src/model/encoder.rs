@@ -1,0 +1,360 @@
+//! The trainable encoder: embeddings, transformer layers, pooler and MLM head.
+
+use super::config::{EncoderConfig, Layout};
+use super::ops::{activate, dropout, softmax_last_dim, LayerNorm, Linear};
+use super::params::Params;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use rand_chacha::ChaCha8Rng;
+
+/// What to feed the encoder. Ids are `u32` tensors of shape `[batch, seq]`.
+pub struct EncoderInput<'a> {
+    pub input_ids: &'a Tensor,
+    /// 1 for real tokens, 0 for padding; `None` means no padding.
+    pub attention_mask: Option<&'a Tensor>,
+    /// Segment ids; `None` means all zeros. Ignored by layouts without token types.
+    pub token_type_ids: Option<&'a Tensor>,
+}
+
+/// What to return besides the last hidden state.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ForwardOptions {
+    /// Every hidden state: the embeddings' output, then each layer's.
+    pub hidden_states: bool,
+    /// Every layer's attention probabilities `[batch, heads, seq, seq]`.
+    pub attentions: bool,
+}
+
+pub struct EncoderOutput {
+    /// `[batch, seq, hidden]`.
+    pub last_hidden_state: Tensor,
+    pub hidden_states: Vec<Tensor>,
+    pub attentions: Vec<Tensor>,
+}
+
+struct Embeddings {
+    word: Tensor,
+    position: Tensor,
+    token_type: Option<Tensor>,
+    norm: LayerNorm,
+    projection: Option<Linear>,
+}
+
+struct Block {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    out_norm: LayerNorm,
+}
+
+struct MlmHead {
+    dense: Linear,
+    norm: LayerNorm,
+    decoder: Tensor,
+    bias: Tensor,
+}
+
+/// The BERT-family encoder. Built over a [`Params`] set whose tensors it shares: when the
+/// parameters are trainable [`candle_core::Var`]s, an optimiser updating them in place updates
+/// the model.
+pub struct Encoder {
+    pub cfg: EncoderConfig,
+    pub params: Params,
+    emb: Embeddings,
+    blocks: Vec<Block>,
+    pooler: Option<Linear>,
+    head: Option<MlmHead>,
+    seq_relationship: Option<Linear>,
+}
+
+impl Encoder {
+    /// Builds the encoder over `params`, which must hold every required canonical tensor.
+    pub fn new(cfg: EncoderConfig, params: Params) -> Result<Self> {
+        let eps = cfg.layer_norm_eps;
+        let t = |name: &str| params.get(name);
+        let lin = |prefix: &str| -> Result<Linear> {
+            Ok(Linear {
+                weight: t(&format!("{prefix}.weight"))?,
+                bias: Some(t(&format!("{prefix}.bias"))?),
+            })
+        };
+        let norm = |prefix: &str| -> Result<LayerNorm> {
+            Ok(LayerNorm {
+                weight: t(&format!("{prefix}.weight"))?,
+                bias: t(&format!("{prefix}.bias"))?,
+                eps,
+            })
+        };
+        let emb = Embeddings {
+            word: t("embeddings.word_embeddings.weight")?,
+            position: t("embeddings.position_embeddings.weight")?,
+            token_type: if cfg.type_vocab_size > 0 {
+                Some(t("embeddings.token_type_embeddings.weight")?)
+            } else {
+                None
+            },
+            norm: norm("embeddings.LayerNorm")?,
+            projection: if cfg.embedding_size != cfg.hidden_size || cfg.layout == Layout::Albert {
+                Some(lin("embeddings.projection")?)
+            } else {
+                None
+            },
+        };
+        let blocks = (0..cfg.num_blocks())
+            .map(|k| {
+                let p = format!("encoder.layer.{k}");
+                Ok(Block {
+                    query: lin(&format!("{p}.attention.self.query"))?,
+                    key: lin(&format!("{p}.attention.self.key"))?,
+                    value: lin(&format!("{p}.attention.self.value"))?,
+                    attn_out: lin(&format!("{p}.attention.output.dense"))?,
+                    attn_norm: norm(&format!("{p}.attention.output.LayerNorm"))?,
+                    intermediate: lin(&format!("{p}.intermediate.dense"))?,
+                    output: lin(&format!("{p}.output.dense"))?,
+                    out_norm: norm(&format!("{p}.output.LayerNorm"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let pooler = if params.contains("pooler.dense.weight") {
+            Some(lin("pooler.dense")?)
+        } else {
+            None
+        };
+        let head = if params.contains("cls.predictions.transform.dense.weight") {
+            Some(MlmHead {
+                dense: lin("cls.predictions.transform.dense")?,
+                norm: norm("cls.predictions.transform.LayerNorm")?,
+                decoder: if cfg.tie_word_embeddings {
+                    emb.word.clone()
+                } else {
+                    t("cls.predictions.decoder.weight")?
+                },
+                bias: t("cls.predictions.bias")?,
+            })
+        } else {
+            None
+        };
+        let seq_relationship = if params.contains("cls.seq_relationship.weight") {
+            Some(lin("cls.seq_relationship")?)
+        } else {
+            None
+        };
+        Ok(Encoder {
+            cfg,
+            params,
+            emb,
+            blocks,
+            pooler,
+            head,
+            seq_relationship,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.emb.word.device()
+    }
+
+    pub fn has_mlm_head(&self) -> bool {
+        self.head.is_some()
+    }
+
+    pub fn has_pooler(&self) -> bool {
+        self.pooler.is_some()
+    }
+
+    pub fn has_seq_relationship(&self) -> bool {
+        self.seq_relationship.is_some()
+    }
+
+    /// Runs the encoder. `rng` turns training-mode dropout on (`None` = eval mode).
+    pub fn forward(
+        &self,
+        input: &EncoderInput,
+        opts: ForwardOptions,
+        mut rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<EncoderOutput> {
+        let cfg = &self.cfg;
+        let ids = input.input_ids;
+        let (b, s) = ids.dims2().context("input_ids must be [batch, seq]")?;
+        if s + cfg.position_offset() > cfg.max_position_embeddings {
+            bail!(
+                "sequence length {s} exceeds the model's max_position_embeddings {}",
+                cfg.max_position_embeddings - cfg.position_offset()
+            );
+        }
+        let dev = ids.device();
+        let position_ids = self.position_ids(ids)?;
+        let flat_ids = ids.flatten_all()?;
+        let mut x = self.emb.word.index_select(&flat_ids, 0)?;
+        x = x.add(
+            &self
+                .emb
+                .position
+                .index_select(&position_ids.flatten_all()?, 0)?,
+        )?;
+        if let Some(tt) = &self.emb.token_type {
+            let tt_ids = match input.token_type_ids {
+                Some(t) => t.flatten_all()?,
+                None => Tensor::zeros(b * s, DType::U32, dev)?,
+            };
+            x = x.add(&tt.index_select(&tt_ids, 0)?)?;
+        }
+        let x = x.reshape((b, s, cfg.embedding_size))?;
+        let x = self.emb.norm.forward(&x)?;
+        let mut x = dropout(&x, cfg.hidden_dropout, rng.as_deref_mut())?;
+        if let Some(p) = &self.emb.projection {
+            x = p.forward(&x)?;
+        }
+        // Additive mask [b, 1, 1, s]: 0 on tokens, the dtype's minimum on padding.
+        let mask = match input.attention_mask {
+            Some(m) => {
+                let m = m.to_dtype(x.dtype())?;
+                Some(((1.0 - m)? * f32::MIN as f64)?.reshape((b, 1, 1, s))?)
+            }
+            None => None,
+        };
+        let mut hidden_states = Vec::new();
+        let mut attentions = Vec::new();
+        if opts.hidden_states {
+            hidden_states.push(x.clone());
+        }
+        for layer in 0..cfg.num_layers {
+            for k in cfg.blocks_for_layer(layer) {
+                let (y, probs) =
+                    self.block_forward(&self.blocks[k], &x, mask.as_ref(), rng.as_deref_mut())?;
+                x = y;
+                if opts.attentions {
+                    attentions.push(probs);
+                }
+            }
+            if opts.hidden_states {
+                hidden_states.push(x.clone());
+            }
+        }
+        Ok(EncoderOutput {
+            last_hidden_state: x,
+            hidden_states,
+            attentions,
+        })
+    }
+
+    fn position_ids(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let dev = ids.device();
+        if self.cfg.layout == Layout::Roberta {
+            // RoBERTa: positions count real tokens, starting after the padding index.
+            let pad = self.cfg.pad_token_id;
+            let rows = ids.to_vec2::<u32>()?;
+            let mut out = Vec::with_capacity(b * s);
+            for row in rows {
+                let mut count = 0u32;
+                for id in row {
+                    if id == pad {
+                        out.push(pad);
+                    } else {
+                        count += 1;
+                        out.push(count + pad);
+                    }
+                }
+            }
+            Ok(Tensor::from_vec(out, (b, s), dev)?)
+        } else {
+            Ok(Tensor::arange(0u32, s as u32, dev)?
+                .unsqueeze(0)?
+                .broadcast_as((b, s))?
+                .contiguous()?)
+        }
+    }
+
+    fn block_forward(
+        &self,
+        blk: &Block,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        mut rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<(Tensor, Tensor)> {
+        let cfg = &self.cfg;
+        let (b, s, h) = x.dims3()?;
+        let (nh, hd) = (cfg.num_heads, cfg.head_dim());
+        let heads = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(blk.query.forward(x)?)?;
+        let k = heads(blk.key.forward(x)?)?;
+        let v = heads(blk.value.forward(x)?)?;
+        let mut scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        let probs = softmax_last_dim(&scores)?;
+        let probs_d = dropout(&probs, cfg.attention_dropout, rng.as_deref_mut())?;
+        let ctx = probs_d
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, s, h))?;
+        let a = blk.attn_out.forward(&ctx)?;
+        let a = dropout(&a, cfg.hidden_dropout, rng.as_deref_mut())?;
+        let a = blk.attn_norm.forward(&a.add(x)?)?;
+        let i = activate(&blk.intermediate.forward(&a)?, cfg.hidden_act)?;
+        let o = blk.output.forward(&i)?;
+        let o = dropout(&o, cfg.hidden_dropout, rng)?;
+        let o = blk.out_norm.forward(&o.add(&a)?)?;
+        Ok((o, probs))
+    }
+
+    /// MLM logits `[.., vocab]` for hidden states `[.., hidden]` (any leading shape).
+    pub fn mlm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let head = self
+            .head
+            .as_ref()
+            .context("this model has no masked-LM head")?;
+        let t = head.dense.forward(hidden)?;
+        let t = activate(&t, self.cfg.hidden_act)?;
+        let t = head.norm.forward(&t)?;
+        let dec = Linear {
+            weight: head.decoder.clone(),
+            bias: Some(head.bias.clone()),
+        };
+        dec.forward(&t)
+    }
+
+    /// MLM logits `[n, vocab]` for only the rows `positions` (flat indices into
+    /// `batch * seq`) of `hidden` `[batch, seq, hidden]`: the vocabulary projection, the
+    /// step's largest matmul, is then done for masked tokens alone.
+    pub fn mlm_logits_at(&self, hidden: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let (b, s, h) = hidden.dims3()?;
+        let rows = hidden.reshape((b * s, h))?.index_select(positions, 0)?;
+        self.mlm_logits(&rows)
+    }
+
+    /// The pooler's output (`tanh(W·h[CLS] + b)`), `[batch, hidden]`.
+    pub fn pooled(&self, hidden: &Tensor) -> Result<Tensor> {
+        let pooler = self.pooler.as_ref().context("this model has no pooler")?;
+        let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+        Ok(pooler.forward(&cls)?.tanh()?)
+    }
+
+    /// NSP / SOP logits `[batch, 2]` from the pooled output.
+    pub fn seq_relationship_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let head = self
+            .seq_relationship
+            .as_ref()
+            .context("this model has no next-sentence / sentence-order head")?;
+        head.forward(&self.pooled(hidden)?)
+    }
+
+    /// Mean of the hidden states over real tokens: sentence-transformers' mean pooling.
+    pub fn mean_pool(hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        let m = attention_mask
+            .to_dtype(hidden.dtype())?
+            .unsqueeze(D::Minus1)?;
+        let sum = hidden.broadcast_mul(&m)?.sum(1)?;
+        let count = m.sum(1)?.clamp(1e-9, f64::MAX)?;
+        Ok(sum.broadcast_div(&count)?)
+    }
+}
