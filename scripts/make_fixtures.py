@@ -220,6 +220,17 @@ def make_tiny(layout: str) -> None:
     (out / "param_names.txt").write_text("".join(k + "\n" for k in model.state_dict().keys()))
     (out / "grad_names.txt").write_text("".join(n + "\n" for n in grad_names))
 
+    if layout == "bert":
+        # The same weights as a legacy pytorch_model.bin (a full state_dict, tied decoder
+        # weight and bias included), for the pickle reader.
+        legacy = FIXTURES / "bert-bin"
+        legacy.mkdir(parents=True, exist_ok=True)
+        (legacy / "config.json").write_text((out / "config.json").read_text())
+        sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        sd["cls.predictions.decoder.weight"] = sd["bert.embeddings.word_embeddings.weight"]
+        sd["cls.predictions.decoder.bias"] = sd["cls.predictions.bias"]
+        torch.save(sd, legacy / "pytorch_model.bin")
+
     # Self-check: the saved checkpoint reloads cleanly and reproduces the logits.
     re, info = cls.from_pretrained(out, output_loading_info=True, attn_implementation="eager")
     re.eval()

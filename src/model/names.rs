@@ -82,7 +82,9 @@ fn top_level(layout: Layout) -> &'static [(&'static str, &'static str)] {
 fn is_duplicate(layout: Layout, name: &str) -> bool {
     matches!(
         (layout, name),
-        (Layout::Roberta, "lm_head.decoder.bias") | (Layout::Albert, "predictions.decoder.bias")
+        (Layout::Bert, "cls.predictions.decoder.bias")
+            | (Layout::Roberta, "lm_head.decoder.bias")
+            | (Layout::Albert, "predictions.decoder.bias")
     ) || name.ends_with("position_ids")
 }
 

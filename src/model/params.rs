@@ -202,6 +202,16 @@ pub struct Params {
     vars: BTreeMap<String, Var>,
 }
 
+impl std::fmt::Debug for Params {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Params")
+            .field("tensors", &self.tensors.len())
+            .field("trainable", &self.is_trainable())
+            .field("parameters", &self.num_parameters())
+            .finish()
+    }
+}
+
 impl Params {
     /// Wraps tensors; `trainable` turns each into a [`Var`] (gradients tracked).
     pub fn new(tensors: BTreeMap<String, Tensor>, trainable: bool) -> Result<Self> {
