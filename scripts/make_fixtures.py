@@ -291,6 +291,39 @@ def make_minilm() -> None:
     print(f"minilm: input_ids {tuple(ids.shape)} last_hidden_state {tuple(last.shape)}")
 
 
+def make_optim() -> None:
+    """torch.optim.AdamW with two groups (decay / no decay) over 3 steps with changing lr
+    and a gradient scale, for tests/optim.rs."""
+    import torch
+
+    out = FIXTURES / "optim"
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(SEED)
+    w = torch.randn(3, 4, generator=g, requires_grad=True)
+    b = torch.randn(4, generator=g, requires_grad=True)
+    t = {"init.w.weight": w.detach().clone(), "init.w.bias": b.detach().clone()}
+    opt = torch.optim.AdamW(
+        [{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}],
+        lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+    )
+    lrs = [1e-3, 2e-2, 5e-3]
+    scales = [1.0, 0.5, 0.25]
+    for step, (lr, sc) in enumerate(zip(lrs, scales)):
+        gw = torch.randn(3, 4, generator=g)
+        gb = torch.randn(4, generator=g) * 1e-3
+        t[f"grad{step}.w.weight"], t[f"grad{step}.w.bias"] = gw.clone(), gb.clone()
+        for group in opt.param_groups:
+            group["lr"] = lr
+        w.grad, b.grad = gw * sc, gb * sc
+        opt.step()
+        t[f"after{step}.w.weight"], t[f"after{step}.w.bias"] = w.detach().clone(), b.detach().clone()
+    t["lrs"] = torch.tensor(lrs, dtype=torch.float32)
+    t["scales"] = torch.tensor(scales, dtype=torch.float32)
+    save_safetensors({k: v.float().contiguous() for k, v in t.items()}, out / "io.safetensors",
+                     metadata={"torch": torch.__version__, "what": "AdamW wd=0.1/0.0"})
+    print("optim: written")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=list(MODEL_CLASS) + ["minilm"], action="append")
@@ -316,6 +349,8 @@ def main() -> int:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
 
+    if not args.only:
+        make_optim()
     for layout in todo:
         if layout == "minilm":
             make_minilm()

@@ -6,4 +6,5 @@
 pub mod cli;
 pub mod loss;
 pub mod model;
+pub mod train;
 pub mod util;

@@ -1,0 +1,328 @@
+//! Timing of one BERT masked-LM step in distil, to set beside `benches/torch_step.py`.
+//!
+//! ```text
+//! cargo bench --bench encoder_step -- --shape small --mode train --threads 2
+//! cargo bench --bench encoder_step -- --shape base --mode forward --iters 3 --warmup 1
+//! benches/compare.sh small train 2      # ours and PyTorch's, alternating, with a table
+//! ```
+//!
+//! Shapes (BERT layout, randomly initialised, float32, as torch_step.py):
+//!   small: 4 layers, hidden 256, 4 heads, intermediate 1024, vocab 8000
+//!   base:  12 layers, hidden 768, 12 heads, intermediate 3072, vocab 30522
+//!
+//! `--mode forward`: eval mode (no dropout, frozen parameters, no gradient tracking),
+//! input ids -> MLM logits for every position `[batch, seq, vocab]`.
+//! `--mode train`: dropout `--dropout` on (hidden and attention, seeded), forward + MLM
+//! cross-entropy over a fixed 15% of the positions (replaced by `[MASK]`) + backward.
+//! There is no optimiser step: the JSON says `"optimizer": false`; compare with
+//! `torch_step.py --no-optim`. `--head-on masked` (the default here) runs the MLM head
+//! only on the masked rows; `--head-on all` runs it on every position and then picks the
+//! masked rows, as Hugging Face does.
+//!
+//! Each of `--warmup + --iters` steps is timed on its own (the step's tensors and gradients
+//! are dropped inside the timed region, as PyTorch frees them inside its step); the median
+//! of the timed steps is reported, with the medians of its parts (encoder, head + loss,
+//! backward). Prints one JSON line: `tokens_per_s = batch * seq / median_s`; `peak_rss_mb`
+//! is the process's VmHWM (read before the matmul peak is measured); `matmul_flops` counts
+//! the matmuls the step really does (2·m·n·k each, ×3 with the backward), `gflops` is that
+//! over `median_s`, and `peak_gflops` is the best of a few `--peak-size`³ fp32 candle
+//! matmuls on the same threads, so `pct_of_peak` is this step's share of it.
+//!
+//! `--threads N` sets `RAYON_NUM_THREADS` (candle's matmul and element-wise thread count)
+//! before any candle op runs.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Parser, ValueEnum};
+use distil::loss::{cross_entropy, masked_positions};
+use distil::model::{Encoder, EncoderConfig, EncoderInput, ForwardOptions, Params, Parts};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Shape {
+    Small,
+    Base,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Forward,
+    Train,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum HeadOn {
+    All,
+    Masked,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "Time one BERT masked-LM step in distil (see benches/torch_step.py)")]
+struct Args {
+    #[arg(long, value_enum, default_value = "small")]
+    shape: Shape,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Sets RAYON_NUM_THREADS (default: candle's choice).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long, value_enum, default_value = "train")]
+    mode: Mode,
+    /// Hidden and attention dropout in train mode.
+    #[arg(long, default_value_t = 0.1)]
+    dropout: f32,
+    /// Train mode: the MLM head on all positions or only the masked ones.
+    #[arg(long, value_enum, default_value = "masked")]
+    head_on: HeadOn,
+    /// Side of the square fp32 matmul timed for the machine's peak; 0 skips it.
+    #[arg(long, default_value_t = 2048)]
+    peak_size: usize,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// (layers, hidden, heads, intermediate, vocab), as torch_step.py's SHAPES.
+fn dims(shape: Shape) -> (usize, usize, usize, usize, usize) {
+    match shape {
+        Shape::Small => (4, 256, 4, 1024, 8000),
+        Shape::Base => (12, 768, 12, 3072, 30522),
+    }
+}
+
+/// Matmul FLOPs of one forward pass: every transformer layer over `batch * seq` tokens,
+/// then the MLM head (dense h×h and the vocabulary projection) over `head_rows` rows.
+/// Keep in step with `matmul_flops` in torch_step.py.
+fn forward_matmul_flops(cfg: &EncoderConfig, batch: usize, seq: usize, head_rows: usize) -> f64 {
+    let (b, s) = (batch as f64, seq as f64);
+    let (h, f, v) = (
+        cfg.hidden_size as f64,
+        cfg.intermediate_size as f64,
+        cfg.vocab_size as f64,
+    );
+    let t = b * s;
+    let per_layer = 2.0 * t * h * h * 4.0 // query, key, value, attention output
+        + 2.0 * t * h * f * 2.0 // intermediate, output
+        + 2.0 * b * s * s * h * 2.0; // scores q·kᵀ and probs·v, over all heads
+    let rows = head_rows as f64;
+    let head = 2.0 * rows * h * h + 2.0 * rows * h * v;
+    cfg.num_layers as f64 * per_layer + head
+}
+
+fn vm_hwm_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let p = 10f64.powi(digits);
+    (x * p).round() / p
+}
+
+/// Best GFLOP/s of a few `n×n · n×n` fp32 matmuls.
+fn matmul_peak(n: usize, dev: &Device) -> Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (n, n), dev)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), dev)?;
+    let flops = 2.0 * (n as f64).powi(3);
+    let _ = a.matmul(&b)?;
+    let mut best = Duration::MAX;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    for i in 0..8 {
+        let t0 = Instant::now();
+        let c = a.matmul(&b)?;
+        drop(c);
+        best = best.min(t0.elapsed());
+        if i >= 2 && Instant::now() > deadline {
+            break;
+        }
+    }
+    Ok(flops / best.as_secs_f64() / 1e9)
+}
+
+/// Times of one step's parts, in seconds.
+#[derive(Default, Clone, Copy)]
+struct StepTimes {
+    total: f64,
+    encoder: f64,
+    head: f64,
+    backward: f64,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(n) = args.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        // Before any candle or rayon work: both read it once.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    if args.iters == 0 {
+        bail!("--iters must be at least 1");
+    }
+    let dev = Device::Cpu;
+    let (layers, hidden, heads, ffn, vocab) = dims(args.shape);
+    let train = args.mode == Mode::Train;
+    let drop = if train { args.dropout } else { 0.0 };
+    let mut cfg = EncoderConfig::bert(vocab, hidden, layers, heads, ffn);
+    cfg.max_position_embeddings = cfg.max_position_embeddings.max(args.seq);
+    cfg.hidden_dropout = drop;
+    cfg.attention_dropout = drop;
+    let params = Params::random(&cfg, Parts::MLM, 0, &dev, train)?;
+    let num_params = params.num_parameters();
+    let enc = Encoder::new(cfg.clone(), params)?;
+
+    // Fixed inputs (seed 0): random ids, an all-ones attention mask, and exactly 15% of the
+    // positions masked (replaced by [MASK] = 103) with their original ids as labels.
+    let (b, s) = (args.batch, args.seq);
+    let tokens = b * s;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let low = if vocab > 2000 { 1000 } else { 5 };
+    let ids: Vec<u32> = (0..tokens)
+        .map(|_| rng.random_range(low..vocab as u32))
+        .collect();
+    let n_masked = ((tokens as f64 * 0.15).round() as usize).max(1);
+    let mut labels = vec![-100i64; tokens];
+    let mut train_ids = ids.clone();
+    for p in rand::seq::index::sample(&mut rng, tokens, n_masked) {
+        labels[p] = ids[p] as i64;
+        train_ids[p] = 103;
+    }
+    let targets = masked_positions(&labels, &dev)?;
+    let input_ids = Tensor::from_vec(if train { train_ids } else { ids }, (b, s), &dev)?;
+    let attention_mask = Tensor::ones((b, s), DType::U32, &dev)?;
+    let input = EncoderInput {
+        input_ids: &input_ids,
+        attention_mask: Some(&attention_mask),
+        token_type_ids: None,
+    };
+    let mut dropout_rng = ChaCha8Rng::seed_from_u64(1);
+
+    let mut last_loss = f32::NAN;
+    let mut step = || -> Result<StepTimes> {
+        let t0 = Instant::now();
+        if !train {
+            let out = enc.forward(&input, ForwardOptions::default(), None)?;
+            let t1 = Instant::now();
+            let logits = enc.mlm_logits(&out.last_hidden_state)?;
+            let t2 = Instant::now();
+            drop((out, logits));
+            let t3 = Instant::now();
+            return Ok(StepTimes {
+                total: (t3 - t0).as_secs_f64(),
+                encoder: (t1 - t0).as_secs_f64(),
+                head: (t2 - t1).as_secs_f64(),
+                backward: 0.0,
+            });
+        }
+        let out = enc.forward(&input, ForwardOptions::default(), Some(&mut dropout_rng))?;
+        let t1 = Instant::now();
+        let logits = match args.head_on {
+            HeadOn::Masked => enc.mlm_logits_at(&out.last_hidden_state, &targets.positions)?,
+            HeadOn::All => enc
+                .mlm_logits(&out.last_hidden_state)?
+                .reshape((tokens, vocab))?
+                .index_select(&targets.positions, 0)?,
+        };
+        let loss = cross_entropy(&logits, &targets.targets)?;
+        let t2 = Instant::now();
+        let grads = loss.backward()?;
+        let t3 = Instant::now();
+        last_loss = loss.to_scalar::<f32>()?;
+        drop((out, logits, loss, grads));
+        let t4 = Instant::now();
+        Ok(StepTimes {
+            total: (t4 - t0).as_secs_f64(),
+            encoder: (t1 - t0).as_secs_f64(),
+            head: (t2 - t1).as_secs_f64(),
+            backward: (t3 - t2).as_secs_f64(),
+        })
+    };
+
+    let mut times = Vec::with_capacity(args.iters);
+    for i in 0..args.warmup + args.iters {
+        let t = step().with_context(|| format!("step {i}"))?;
+        if i >= args.warmup {
+            times.push(t);
+        }
+    }
+    let totals: Vec<f64> = times.iter().map(|t| t.total).collect();
+    let part = |f: fn(&StepTimes) -> f64| median(&times.iter().map(f).collect::<Vec<_>>());
+    let median_s = median(&totals);
+    let peak_rss_mb = vm_hwm_mb().unwrap_or(f64::NAN);
+
+    let head_rows = if train && args.head_on == HeadOn::Masked {
+        n_masked
+    } else {
+        tokens
+    };
+    let mut flops = forward_matmul_flops(&cfg, b, s, head_rows);
+    if train {
+        flops *= 3.0;
+    }
+    let gflops = flops / median_s / 1e9;
+    let threads = candle_core::utils::get_num_threads();
+
+    let mut out = serde_json::json!({
+        "framework": "distil",
+        "shape": format!("{:?}", args.shape).to_lowercase(),
+        "mode": format!("{:?}", args.mode).to_lowercase(),
+        "batch": b,
+        "seq": s,
+        "tokens_per_s": round(tokens as f64 / median_s, 1),
+        "median_s": round(median_s, 6),
+        "peak_rss_mb": round(peak_rss_mb, 1),
+        "min_s": round(totals.iter().cloned().fold(f64::INFINITY, f64::min), 6),
+        "max_s": round(totals.iter().cloned().fold(0.0, f64::max), 6),
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "threads": threads,
+        "attn": "eager",
+        "device": "cpu",
+        "params": num_params,
+        "candle": "0.11",
+        "encoder_s": round(part(|t| t.encoder), 6),
+        "head_s": round(part(|t| t.head), 6),
+        "matmul_flops": flops,
+        "gflops": round(gflops, 1),
+    });
+    let obj = out.as_object_mut().context("json object")?;
+    if train {
+        obj.insert("backward_s".into(), round(part(|t| t.backward), 6).into());
+        obj.insert("optimizer".into(), false.into());
+        obj.insert("dropout".into(), (drop as f64).into());
+        let head_on = format!("{:?}", args.head_on).to_lowercase();
+        obj.insert("head_on".into(), head_on.into());
+        obj.insert("masked_tokens".into(), n_masked.into());
+        obj.insert("last_loss".into(), round(last_loss as f64, 6).into());
+    }
+    if args.peak_size > 0 {
+        let peak = matmul_peak(args.peak_size, &dev)?;
+        obj.insert("peak_gflops".into(), round(peak, 1).into());
+        obj.insert("peak_size".into(), args.peak_size.into());
+        obj.insert("pct_of_peak".into(), round(100.0 * gflops / peak, 1).into());
+    }
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
+}

@@ -1,0 +1,4 @@
+//! The training engine shared by pretraining and distillation.
+
+pub mod optim;
+pub mod schedule;
