@@ -248,8 +248,8 @@ impl AdamW {
             let (m_t, v_t) = (get(format!("m.{name}"))?, get(format!("v.{name}"))?);
             match &mut slot.moments {
                 Moments::Host { m, v } => {
-                    *m.lock().unwrap() = m_t.flatten_all()?.to_vec1()?;
-                    *v.lock().unwrap() = v_t.flatten_all()?.to_vec1()?;
+                    *m.get_mut().unwrap() = m_t.flatten_all()?.to_vec1()?;
+                    *v.get_mut().unwrap() = v_t.flatten_all()?.to_vec1()?;
                 }
                 Moments::Device { m, v } => {
                     *m = m_t.to_device(slot.var.device())?;
