@@ -398,7 +398,7 @@ impl CorpusReader<'_> {
                 path: path.to_path_buf(),
                 line: self.line_no,
                 message: format!(
-                    "field `{field}` is {} , expected a string",
+                    "field `{field}` is {}, expected a string",
                     json_kind(&other)
                 ),
             }),
