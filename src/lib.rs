@@ -4,6 +4,7 @@
 //! forward → losses → optimizer → checkpoint.
 
 pub mod cli;
+pub mod data;
 pub mod loss;
 pub mod model;
 pub mod train;
