@@ -5,7 +5,9 @@
 
 pub mod cli;
 pub mod data;
+pub mod distill;
 pub mod loss;
 pub mod model;
+pub mod recipe;
 pub mod train;
 pub mod util;

@@ -1,9 +1,11 @@
 //! The `distil` command line.
 
 pub mod inspect;
+pub mod run;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(
@@ -18,6 +20,28 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
+    /// Run a recipe (pretraining or distillation).
+    Run {
+        recipe: PathBuf,
+        /// Override a recipe value: --set training.max_steps=10 (repeatable).
+        #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+        sets: Vec<String>,
+        /// Continue from the latest checkpoint in the output directory.
+        #[arg(long)]
+        resume: bool,
+        /// Clear a non-empty output directory and start again.
+        #[arg(long)]
+        overwrite: bool,
+        /// Print only the final summary.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Validate a recipe without running it and without the network.
+    Check {
+        recipe: PathBuf,
+        #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+        sets: Vec<String>,
+    },
     /// Print a model's layout, shapes, parameter count and missing parts.
     Inspect {
         /// A checkpoint directory or a Hugging Face hub id (resolved through the cache).
@@ -30,6 +54,32 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Run {
+            recipe,
+            sets,
+            resume,
+            overwrite,
+            quiet,
+        } => {
+            let stop = run::stop_flag()?;
+            let flags = run::RunFlags {
+                resume,
+                overwrite,
+                verbose: !quiet,
+            };
+            let s = run::run(&recipe, &sets, &flags, &stop)?;
+            if quiet {
+                run::print_summary(&s);
+            }
+            if s.interrupted {
+                std::process::exit(130);
+            }
+        }
+        Command::Check { recipe, sets } => {
+            for line in run::check(&recipe, &sets)? {
+                println!("{line}");
+            }
+        }
         Command::Inspect { model, tensors } => {
             print!("{}", inspect::inspect(&model, tensors)?);
         }

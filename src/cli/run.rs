@@ -1,0 +1,179 @@
+//! `distil run RECIPE` and `distil check RECIPE`.
+
+use crate::model::hub::{resolve_offline, Resolved};
+use crate::recipe::{self, LoadedRecipe, Task};
+use crate::train::objective::MlmObjective;
+use crate::train::run_dir::RunDir;
+use crate::train::setup;
+use crate::train::trainer::{RunSummary, Trainer};
+use crate::util::atomic_write;
+use anyhow::Result;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// Ctrl-C / SIGTERM set the returned flag; a second one ends the process at once.
+pub fn stop_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone())?;
+        signal_hook::flag::register(sig, flag.clone())?;
+    }
+    Ok(flag)
+}
+
+pub struct RunFlags {
+    pub resume: bool,
+    pub overwrite: bool,
+    pub verbose: bool,
+}
+
+pub fn run(
+    path: &Path,
+    sets: &[String],
+    flags: &RunFlags,
+    stop: &AtomicBool,
+) -> Result<RunSummary> {
+    let loaded = recipe::load(path, sets)?;
+    match loaded.recipe.task {
+        Task::Pretrain => pretrain(&loaded, flags, stop),
+        Task::Distill => crate::distill::run::run(&loaded, flags, stop),
+    }
+}
+
+/// Opens the run directory and records the resolved recipe in it.
+pub fn open_run_dir(loaded: &LoadedRecipe, flags: &RunFlags) -> Result<RunDir> {
+    let t = &loaded.recipe.training;
+    let dir = RunDir::open(
+        &t.output_dir,
+        flags.overwrite || t.overwrite_output_dir,
+        flags.resume,
+    )?;
+    atomic_write(
+        &dir.root.join("recipe.yaml"),
+        serde_yaml::to_string(&loaded.recipe)?.as_bytes(),
+    )?;
+    Ok(dir)
+}
+
+fn pretrain(loaded: &LoadedRecipe, flags: &RunFlags, stop: &AtomicBool) -> Result<RunSummary> {
+    let r = &loaded.recipe;
+    let run_dir = open_run_dir(loaded, flags)?;
+    let tok = setup::tokenizer(r, &run_dir.root, flags.verbose)?;
+    let device = setup::device(r)?;
+    let data = setup::data(r, &tok)?;
+    if flags.verbose {
+        report_data(&data);
+    }
+    let model = setup::model(r, &tok, &device, flags.verbose)?;
+    if flags.verbose {
+        eprintln!(
+            "model: {} layers, hidden {}, {} parameters, on {:?}",
+            model.cfg.num_layers,
+            model.cfg.hidden_size,
+            model.params.num_parameters(),
+            device
+        );
+    }
+    let trainer = Trainer {
+        model: &model,
+        tok: &tok,
+        train: &data.train,
+        eval: data.eval.as_ref(),
+        args: &r.training,
+        objective: &MlmObjective,
+        save_layout: model.cfg.layout,
+        stop,
+        verbose: flags.verbose,
+    };
+    let summary = trainer.run(&run_dir, flags.resume)?;
+    if flags.verbose {
+        print_summary(&summary);
+    }
+    Ok(summary)
+}
+
+pub fn report_data(d: &setup::DataSetup) {
+    let c = &d.prepared.cache_report;
+    if c.reused {
+        eprintln!("token cache reused: {}", c.dir.display());
+    } else {
+        eprintln!(
+            "tokenised {} units into {} tokens: {}",
+            c.tokenized_units,
+            c.tokenized_tokens,
+            c.dir.display()
+        );
+    }
+    let s = &d.prepared.splits.stats;
+    eprintln!(
+        "sequences: {} training, {} held out ({} truncated, {} split)",
+        s.train_sequences, s.eval_sequences, s.truncated_units, s.split_units
+    );
+}
+
+pub fn print_summary(s: &RunSummary) {
+    println!(
+        "trained {} steps ({:.0} tokens/s); model saved in {}",
+        s.steps,
+        s.tokens_per_s,
+        s.model_dir.display()
+    );
+    if let Some(e) = &s.final_eval {
+        println!(
+            "held-out: MLM loss {:.4}, perplexity {:.2}, masked-token accuracy {:.2}%",
+            e.loss,
+            e.perplexity,
+            100.0 * e.accuracy
+        );
+    }
+}
+
+/// `distil check`: the recipe parses and validates; models resolve (offline); corpus paths
+/// exist. Returns the lines to print.
+pub fn check(path: &Path, sets: &[String]) -> Result<Vec<String>> {
+    let loaded = recipe::load(path, sets)?;
+    let r = &loaded.recipe;
+    let mut out = vec![format!(
+        "{}: recipe is valid ({:?})",
+        path.display(),
+        r.task
+    )];
+    let mut models: Vec<(&str, &String)> = Vec::new();
+    if let Some(m) = &r.model.from {
+        models.push(("model.from", m));
+    }
+    if let Some(d) = &r.distill {
+        models.push(("distill.teacher", &d.teacher));
+    }
+    if let Some(t) = &r.tokenizer.load {
+        if !Path::new(t).exists() {
+            models.push(("tokenizer.load", t));
+        }
+    }
+    for (key, m) in models {
+        match resolve_offline(m).map_err(|e| loaded.error_at(key, e))? {
+            Resolved::Dir(d) => out.push(format!("{key}: {m} → {}", d.display())),
+            Resolved::ToDownload(id) => out.push(format!(
+                "{key}: {id} is not cached: it will be downloaded from the hub"
+            )),
+        }
+    }
+    let corpus = crate::data::Corpus::open(&r.data.corpus)
+        .map_err(|e| loaded.error_at("data.corpus.paths", e))?;
+    out.push(format!("data: {}", corpus.describe()));
+    r.data
+        .masking
+        .validate()
+        .map_err(|e| loaded.error_at("data.masking", e))?;
+    r.data
+        .sequences
+        .validate()
+        .map_err(|e| loaded.error_at("data.sequences", e))?;
+    if let Some(d) = &r.distill {
+        for line in crate::distill::run::check_teacher(&loaded, d)? {
+            out.push(line);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,22 @@
+//! The hidden-state cosine loss: `1 − cos(student, teacher)` averaged over real tokens
+//! (DistilBERT's `CosineEmbeddingLoss` with target 1).
+
+use anyhow::{bail, Result};
+use candle_core::{Tensor, D};
+
+/// `student`, `teacher`: `[batch, seq, hidden]`; `mask`: `u32 [batch, seq]` (1 = real token).
+pub fn cosine_loss(student: &Tensor, teacher: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let teacher = teacher.detach();
+    let dot = (student * &teacher)?.sum(D::Minus1)?;
+    let ns = student.sqr()?.sum(D::Minus1)?.sqrt()?;
+    let nt = teacher.sqr()?.sum(D::Minus1)?.sqrt()?;
+    // PyTorch's cosine_similarity clamps each norm at eps = 1e-8.
+    let cos = (dot / (ns.clamp(1e-8, f64::MAX)? * nt.clamp(1e-8, f64::MAX)?)?)?;
+    let m = mask.to_dtype(cos.dtype())?;
+    let n = m.sum_all()?.to_scalar::<f32>()? as f64;
+    if n == 0.0 {
+        bail!("cosine loss over zero real tokens");
+    }
+    let loss = ((1.0 - cos)? * m)?.sum_all()?;
+    Ok((loss / n)?)
+}

@@ -1,0 +1,423 @@
+//! The training loop shared by pretraining and distillation.
+
+use super::batch::DeviceBatch;
+use super::eval::{evaluate, EvalResult};
+use super::metrics::Metrics;
+use super::objective::{Objective, Progress};
+use super::optim::{clip_factor, global_norm, AdamW, AdamWConfig};
+use super::run_dir::{read_state, RunDir, TrainerState, OPTIMIZER_FILE, STATE_FILE};
+use super::schedule::Schedule;
+use crate::data::{Batcher, Position, Tok};
+use crate::model::{save_encoder, Encoder, Layout};
+use crate::recipe::{OnNan, TrainingArgs};
+use crate::util::atomic_write;
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// Everything a run trains with.
+pub struct Trainer<'a> {
+    pub model: &'a Encoder,
+    pub tok: &'a Tok,
+    pub train: &'a Batcher,
+    pub eval: Option<&'a Batcher>,
+    pub args: &'a TrainingArgs,
+    pub objective: &'a dyn Objective,
+    /// The layout checkpoints are written in.
+    pub save_layout: Layout,
+    /// Set by Ctrl-C / SIGTERM: the loop writes a checkpoint and returns.
+    pub stop: &'a AtomicBool,
+    /// Print progress (a bar on a terminal, log lines otherwise).
+    pub verbose: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub steps: u64,
+    pub interrupted: bool,
+    pub final_eval: Option<EvalResult>,
+    pub model_dir: PathBuf,
+    pub tokens_per_s: f64,
+}
+
+/// Total optimiser steps for the recipe.
+pub fn total_steps(args: &TrainingArgs, batches_per_epoch: usize) -> u64 {
+    args.max_steps.unwrap_or_else(|| {
+        let micro = args.num_train_epochs * batches_per_epoch as f64;
+        ((micro / args.gradient_accumulation_steps as f64).ceil() as u64).max(1)
+    })
+}
+
+fn step_rng(seed: u64, step: u64, micro: usize) -> ChaCha8Rng {
+    let mut s = [0u8; 32];
+    s[..8].copy_from_slice(&seed.to_le_bytes());
+    s[8..16].copy_from_slice(&step.to_le_bytes());
+    s[16..24].copy_from_slice(&(micro as u64).to_le_bytes());
+    s[24..].copy_from_slice(b"dropout\0");
+    ChaCha8Rng::from_seed(s)
+}
+
+impl Trainer<'_> {
+    fn vars(&self) -> BTreeMap<String, candle_core::Var> {
+        let mut v = self.model.params.vars().clone();
+        for (k, x) in self.objective.extra_vars() {
+            v.insert(format!("objective.{k}"), x);
+        }
+        v
+    }
+
+    /// Runs (or resumes) training in `run_dir`.
+    pub fn run(&self, run_dir: &RunDir, resume: bool) -> Result<RunSummary> {
+        let args = self.args;
+        if self.train.batches_per_epoch() == 0 {
+            bail!("the training split has no batch: the corpus is too small for the batch size");
+        }
+        let total = total_steps(args, self.train.batches_per_epoch());
+        let warmup = args
+            .warmup_steps
+            .unwrap_or((args.warmup_ratio * total as f64).ceil() as u64);
+        let schedule = Schedule {
+            warmup_steps: warmup,
+            total_steps: total,
+            decay: args.lr_scheduler_type,
+        };
+        let vars = self.vars();
+        let mut opt = AdamW::new(
+            &vars,
+            AdamWConfig {
+                beta1: args.adam_beta1,
+                beta2: args.adam_beta2,
+                eps: args.adam_epsilon,
+                weight_decay: args.weight_decay,
+            },
+        )?;
+        let mut state = TrainerState {
+            step: 0,
+            total_steps: total,
+            position: Position::default(),
+            tokens_seen: 0,
+            skipped_nan_steps: 0,
+            seed: args.seed,
+        };
+        if resume {
+            if let Some((step, dir)) = run_dir.latest()? {
+                state = self.restore(&dir, &vars, &mut opt)?;
+                state.total_steps = total;
+                if self.verbose {
+                    eprintln!("resuming from {} (step {step} of {total})", dir.display());
+                }
+            } else if self.verbose {
+                eprintln!(
+                    "--resume: no checkpoint in {}, starting from the beginning",
+                    run_dir.root.display()
+                );
+            }
+        }
+        let metrics = Metrics::open(&run_dir.metrics_path(), resume.then_some(state.step))?;
+        let bar = self.progress_bar(total, state.step);
+        let mut batches = self.train.iter_from(state.position);
+        let device = self.model.device().clone();
+        let accum = args.gradient_accumulation_steps;
+        let mut window_tokens = 0u64;
+        let mut window_start = Instant::now();
+        let run_start = Instant::now();
+        let start_tokens = state.tokens_seen;
+        let mut interrupted = false;
+        let mut last_eval = None;
+        while state.step < total {
+            let progress = Progress {
+                step: state.step,
+                total_steps: total,
+            };
+            let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+            let mut loss_sum = 0f64;
+            let mut parts_sum: BTreeMap<&'static str, f64> = BTreeMap::new();
+            let mut finite = true;
+            for micro in 0..accum {
+                let (_, batch) = batches.next().context("the batch stream ended")?;
+                let db = DeviceBatch::new(&batch, &device)?;
+                window_tokens += db.real_tokens as u64;
+                state.tokens_seen += db.real_tokens as u64;
+                if db.masked.count == 0 {
+                    continue;
+                }
+                let mut rng = step_rng(args.seed, state.step, micro);
+                let l = self.objective.loss(self.model, &db, progress, &mut rng)?;
+                let value = l.loss.to_scalar::<f32>()? as f64;
+                if !value.is_finite() {
+                    finite = false;
+                    break;
+                }
+                loss_sum += value / accum as f64;
+                for (k, v) in &l.parts {
+                    *parts_sum.entry(k).or_default() += v / accum as f64;
+                }
+                let g = (l.loss / accum as f64)?.backward()?;
+                for (name, var) in &vars {
+                    if let Some(gv) = g.get(var.as_tensor()) {
+                        let e = grads.entry(name.clone());
+                        match e {
+                            std::collections::btree_map::Entry::Vacant(v) => {
+                                v.insert(gv.clone());
+                            }
+                            std::collections::btree_map::Entry::Occupied(mut o) => {
+                                let sum = (o.get() + gv)?;
+                                o.insert(sum);
+                            }
+                        }
+                    }
+                }
+            }
+            state.position = batches.position();
+            if !finite {
+                match args.on_nan {
+                    OnNan::Stop => {
+                        let last = run_dir
+                            .latest()?
+                            .map(|(_, p)| p.display().to_string())
+                            .unwrap_or_else(|| "none".into());
+                        bail!(
+                            "non-finite loss at step {}; stopping (last good checkpoint: {last}). Set training.on_nan: skip to skip such steps",
+                            state.step + 1
+                        );
+                    }
+                    OnNan::Skip => {
+                        state.skipped_nan_steps += 1;
+                        state.step += 1;
+                        metrics.log(&json!({"step": state.step, "skipped": "non-finite loss"}))?;
+                        continue;
+                    }
+                }
+            }
+            let norm = global_norm(&grads)?;
+            let lr = args.learning_rate * schedule.factor(state.step);
+            opt.update(&grads, lr, clip_factor(norm, args.max_grad_norm))?;
+            drop(grads);
+            state.step += 1;
+            bar.inc(1);
+            if state.step.is_multiple_of(args.logging_steps.max(1)) || state.step == total {
+                let secs = window_start.elapsed().as_secs_f64().max(1e-9);
+                let tps = window_tokens as f64 / secs;
+                let mut m = json!({
+                    "step": state.step, "loss": loss_sum, "learning_rate": lr,
+                    "grad_norm": norm, "tokens_per_s": tps, "epoch": state.position.epoch,
+                    "tokens_seen": state.tokens_seen,
+                });
+                for (k, v) in &parts_sum {
+                    m[*k] = json!(v);
+                }
+                for (k, v) in self.objective_scalars(progress) {
+                    m[k] = json!(v);
+                }
+                metrics.log(&m)?;
+                bar.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {tps:.0} tok/s"));
+                if bar.is_hidden() && self.verbose {
+                    eprintln!(
+                        "step {}/{total} loss {loss_sum:.4} lr {lr:.2e} grad_norm {norm:.3} {tps:.0} tok/s",
+                        state.step
+                    );
+                }
+                window_tokens = 0;
+                window_start = Instant::now();
+            }
+            if let Some(eval) = self.eval {
+                if args.eval_steps > 0
+                    && state.step.is_multiple_of(args.eval_steps)
+                    && state.step < total
+                {
+                    let r = evaluate(self.model, eval, args.max_eval_batches)?;
+                    self.log_eval(&metrics, &bar, state.step, &r)?;
+                    last_eval = Some((state.step, r));
+                }
+            }
+            let stop_now = self.stop.load(Ordering::SeqCst);
+            if (args.save_steps > 0
+                && state.step.is_multiple_of(args.save_steps)
+                && state.step < total)
+                || (stop_now && state.step < total)
+            {
+                self.checkpoint(run_dir, &state, &opt)?;
+            }
+            if stop_now && state.step < total {
+                interrupted = true;
+                break;
+            }
+        }
+        bar.finish_and_clear();
+        let elapsed = run_start.elapsed().as_secs_f64().max(1e-9);
+        let tokens_per_s = (state.tokens_seen - start_tokens) as f64 / elapsed;
+        if interrupted {
+            if self.verbose {
+                eprintln!(
+                    "interrupted at step {} of {total}: checkpoint written; continue with --resume",
+                    state.step
+                );
+            }
+            return Ok(RunSummary {
+                steps: state.step,
+                interrupted,
+                final_eval: None,
+                model_dir: run_dir.root.clone(),
+                tokens_per_s,
+            });
+        }
+        let final_eval = match self.eval {
+            Some(eval) => {
+                let r = match last_eval {
+                    Some((s, r)) if s == state.step => r,
+                    _ => evaluate(self.model, eval, args.max_eval_batches)?,
+                };
+                self.log_eval(&metrics, &bar, state.step, &r)?;
+                Some(r)
+            }
+            None => None,
+        };
+        // The final model, in Hugging Face layout, at the top of the output directory.
+        self.save_model(&run_dir.root)?;
+        if let Some(r) = &final_eval {
+            atomic_write(
+                &run_dir.root.join("eval_results.json"),
+                serde_json::to_string_pretty(&json!({"step": state.step, "eval": r}))?.as_bytes(),
+            )?;
+        }
+        Ok(RunSummary {
+            steps: state.step,
+            interrupted: false,
+            final_eval,
+            model_dir: run_dir.root.clone(),
+            tokens_per_s,
+        })
+    }
+
+    fn objective_scalars(&self, _p: Progress) -> Vec<(String, f64)> {
+        Vec::new()
+    }
+
+    fn log_eval(
+        &self,
+        metrics: &Metrics,
+        bar: &indicatif::ProgressBar,
+        step: u64,
+        r: &EvalResult,
+    ) -> Result<()> {
+        metrics.log(&json!({
+            "step": step, "eval_loss": r.loss, "eval_perplexity": r.perplexity,
+            "eval_accuracy": r.accuracy, "eval_masked_tokens": r.masked_tokens,
+        }))?;
+        if self.verbose {
+            bar.suspend(|| {
+                eprintln!(
+                    "eval at step {step}: loss {:.4}, perplexity {:.2}, masked-token accuracy {:.2}% ({} tokens)",
+                    r.loss,
+                    r.perplexity,
+                    100.0 * r.accuracy,
+                    r.masked_tokens
+                )
+            });
+        }
+        Ok(())
+    }
+
+    fn progress_bar(&self, total: u64, start: u64) -> indicatif::ProgressBar {
+        if !self.verbose {
+            return indicatif::ProgressBar::hidden();
+        }
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_position(start);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} (eta {eta})",
+            )
+            .unwrap(),
+        );
+        bar
+    }
+
+    /// The model (HF layout) and tokenizer into `dir`.
+    pub fn save_model(&self, dir: &Path) -> Result<()> {
+        save_encoder(self.model, dir, self.save_layout)?;
+        self.tok
+            .save(dir)
+            .with_context(|| format!("cannot save the tokenizer into {}", dir.display()))?;
+        Ok(())
+    }
+
+    fn checkpoint(&self, run_dir: &RunDir, state: &TrainerState, opt: &AdamW) -> Result<PathBuf> {
+        run_dir.write_checkpoint(state.step, self.args.save_total_limit, |dir| {
+            self.save_model(dir)?;
+            if std::env::var("DISTIL_TEST_ABORT_IN_CHECKPOINT")
+                .ok()
+                .as_deref()
+                == Some(&state.step.to_string())
+            {
+                // Test hook: die with the checkpoint half written (tests/resume.rs).
+                std::process::abort();
+            }
+            let mut st = opt.state()?;
+            for (k, v) in self.objective.extra_vars() {
+                st.insert(format!("param.objective.{k}"), v.as_tensor().copy()?);
+            }
+            let bytes = safetensors::serialize(
+                st.iter().map(|(k, t)| (k.clone(), t)).collect::<Vec<_>>(),
+                None,
+            )?;
+            atomic_write(&dir.join(OPTIMIZER_FILE), &bytes)?;
+            atomic_write(
+                &dir.join(STATE_FILE),
+                serde_json::to_string_pretty(state)?.as_bytes(),
+            )?;
+            Ok(())
+        })
+    }
+
+    fn restore(
+        &self,
+        dir: &Path,
+        vars: &BTreeMap<String, candle_core::Var>,
+        opt: &mut AdamW,
+    ) -> Result<TrainerState> {
+        let state = read_state(dir)?;
+        let (saved, _) = crate::model::load_encoder(
+            dir,
+            &candle_core::Device::Cpu,
+            &crate::model::LoadOptions {
+                trainable: false,
+                want_mlm_head: self.model.has_mlm_head(),
+                ..Default::default()
+            },
+        )
+        .with_context(|| format!("cannot load the checkpoint model in {}", dir.display()))?;
+        for (name, var) in self.model.params.vars() {
+            let t = saved
+                .params
+                .get(name)
+                .with_context(|| format!("checkpoint {} lacks parameter {name}", dir.display()))?;
+            var.set(&t.to_device(var.device())?)?;
+        }
+        let p = dir.join(OPTIMIZER_FILE);
+        let st: BTreeMap<String, Tensor> =
+            candle_core::safetensors::load(&p, &candle_core::Device::Cpu)
+                .with_context(|| format!("cannot read {}", p.display()))?
+                .into_iter()
+                .collect();
+        for (k, v) in vars {
+            if let Some(rest) = k.strip_prefix("objective.") {
+                let t = st
+                    .get(&format!("param.objective.{rest}"))
+                    .with_context(|| {
+                        format!("{}: lacks objective parameter {rest}", p.display())
+                    })?;
+                v.set(&t.to_device(v.device())?)?;
+            }
+        }
+        opt.load_state(&st, state.step)
+            .with_context(|| format!("{}: optimizer state does not fit the model", p.display()))?;
+        Ok(state)
+    }
+}
