@@ -144,7 +144,9 @@ pub fn check(path: &Path, sets: &[String]) -> Result<Vec<String>> {
         models.push(("model.from", m));
     }
     if let Some(d) = &r.distill {
-        models.push(("distill.teacher", &d.teacher));
+        if d.teacher_recipe.is_none() || Path::new(&d.teacher).exists() {
+            models.push(("distill.teacher", &d.teacher));
+        }
     }
     if let Some(t) = &r.tokenizer.load {
         if !Path::new(t).exists() {

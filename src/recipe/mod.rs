@@ -30,7 +30,9 @@ pub enum Task {
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
     pub task: Task,
-    /// The model trained (the student, in distillation).
+    /// The model trained (in distillation: the student; may be left out to derive it from
+    /// the teacher and `distill.student`).
+    #[serde(default)]
     pub model: ModelSection,
     #[serde(default)]
     pub tokenizer: TokenizerSection,
@@ -347,8 +349,7 @@ pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<LoadedReci
         // For an unknown key, point at the key itself.
         let at = match &unknown {
             Some(u) if key == "." || key.is_empty() => u.clone(),
-            Some(u) => format!("{key}.{u}"),
-            None => key.clone(),
+            _ => key.clone(),
         };
         match locate_key(text, &at) {
             Some((line, col)) => anyhow::anyhow!("{file}:{line}:{col}: {at}: {inner}{hint}"),
