@@ -50,10 +50,8 @@ fn minilm_tokenizer_json_and_vocab_txt_agree() {
     let a = tj.encode_batch(&lines).unwrap();
     let b = vt.encode_batch(&lines).unwrap();
     assert_eq!(a, b, "vocab.txt pipeline differs from tokenizer.json");
-    assert!(
-        a.iter().map(Vec::len).sum::<usize>() > 300 * 128,
-        "long lines must not be truncated"
-    );
+    let longest = a.iter().map(Vec::len).max().unwrap();
+    assert!(longest > 128, "long lines must not be truncated (longest {longest})");
     let (ids, types) = tj.encode_with_specials("a b", Some("c")).unwrap();
     assert_eq!(ids.first(), Some(&101));
     assert_eq!(ids.iter().filter(|&&i| i == 102).count(), 2);
