@@ -51,7 +51,10 @@ fn minilm_tokenizer_json_and_vocab_txt_agree() {
     let b = vt.encode_batch(&lines).unwrap();
     assert_eq!(a, b, "vocab.txt pipeline differs from tokenizer.json");
     let longest = a.iter().map(Vec::len).max().unwrap();
-    assert!(longest > 128, "long lines must not be truncated (longest {longest})");
+    assert!(
+        longest > 128,
+        "long lines must not be truncated (longest {longest})"
+    );
     let (ids, types) = tj.encode_with_specials("a b", Some("c")).unwrap();
     assert_eq!(ids.first(), Some(&101));
     assert_eq!(ids.iter().filter(|&&i| i == 102).count(), 2);
