@@ -35,6 +35,13 @@ fn second_run_reuses_the_cache_and_a_changed_file_invalidates_it() {
     let (c2, r2) =
         TokenCache::build_or_load(&corpus, &tok, WordSegmentation::Tokenizer, &root).unwrap();
     assert!(r2.reused, "second run did not reuse the cache");
+    // a freshly loaded tokenizer (new hash maps, new random hasher seeds) keys the same cache
+    let vocab = dir.path().join("vocab.txt");
+    let fresh = Tok::from_bert_vocab(&vocab, &BertVocabOptions::default()).unwrap();
+    assert_eq!(fresh.json(), tok.json());
+    let (_, r2b) =
+        TokenCache::build_or_load(&corpus, &fresh, WordSegmentation::Tokenizer, &root).unwrap();
+    assert!(r2b.reused);
     assert_eq!(r2.tokenized_units, 0, "second run re-tokenised");
     assert_eq!(c1.tokens(), c2.tokens());
     assert_eq!(c1.key(), c2.key());
