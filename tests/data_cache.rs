@@ -35,6 +35,13 @@ fn second_run_reuses_the_cache_and_a_changed_file_invalidates_it() {
     let (c2, r2) =
         TokenCache::build_or_load(&corpus, &tok, WordSegmentation::Tokenizer, &root).unwrap();
     assert!(r2.reused, "second run did not reuse the cache");
+    // a freshly loaded tokenizer (new hash maps, new random hasher seeds) keys the same cache
+    let vocab = dir.path().join("vocab.txt");
+    let fresh = Tok::from_bert_vocab(&vocab, &BertVocabOptions::default()).unwrap();
+    assert_eq!(fresh.json(), tok.json());
+    let (_, r2b) =
+        TokenCache::build_or_load(&corpus, &fresh, WordSegmentation::Tokenizer, &root).unwrap();
+    assert!(r2b.reused);
     assert_eq!(r2.tokenized_units, 0, "second run re-tokenised");
     assert_eq!(c1.tokens(), c2.tokens());
     assert_eq!(c1.key(), c2.key());
@@ -316,4 +323,48 @@ fn held_out_split_is_deterministic_and_disjoint() {
     // another seed, another split
     let s3 = cut_sequences(cache, &tok, &SequenceConfig { seed: 8, ..cfg }).unwrap();
     assert_ne!(starts(s3.eval.as_ref().unwrap()), ev);
+}
+
+#[test]
+fn prepare_from_a_yaml_data_section() {
+    let d = tempfile::tempdir().unwrap();
+    let lex = data_common::lexicon(300, 2);
+    let vocab = data_common::synth_vocab(d.path(), &lex[..50]);
+    let tok = Tok::from_bert_vocab(&vocab, &BertVocabOptions::default()).unwrap();
+    let txt = data_common::synth_corpus(&d.path().join("t.txt"), &lex, 2000, 5..40, None, 1);
+    let jsonl = d.path().join("docs.jsonl");
+    let text = std::fs::read_to_string(&txt).unwrap();
+    let recs: Vec<String> = text
+        .lines()
+        .collect::<Vec<_>>()
+        .chunks(4)
+        .map(|c| serde_json::json!({"id": 1, "body": c.join("\n")}).to_string())
+        .collect();
+    std::fs::write(&jsonl, recs.join("\n") + "\n").unwrap();
+    let yaml = format!(
+        "corpus: {{paths: ['{}'], text_field: body}}\nsequences: {{mode: packed, block_size: 64, eval_fraction: 0.1}}\nmasking: {{strategy: whole_word, probability: 0.15}}\ncache_dir: '{}'\n",
+        jsonl.display(),
+        d.path().join("cache").display()
+    );
+    let cfg: distil::data::DataConfig = serde_yaml::from_str(&yaml).unwrap();
+    let p = distil::data::prepare(&cfg, &tok).unwrap();
+    assert!(!p.cache_report.reused && !p.splits.reused);
+    assert_eq!(p.cache.n_docs(), 500);
+    let again = distil::data::prepare(&cfg, &tok).unwrap();
+    assert!(again.cache_report.reused && again.splits.reused);
+    assert_eq!(again.cache_report.tokenized_units, 0);
+    let train = p.train_batcher(&cfg, BatchConfig::new(8), 3, &tok).unwrap();
+    let (_, b) = train.iter_from(Position::default()).next().unwrap();
+    assert_eq!((b.batch_size, b.seq_len), (8, 64));
+    assert!(b.masked_tokens() > 0);
+    let eval = p.eval_batcher(&cfg, 8, 3, &tok).unwrap().unwrap();
+    let e1: Vec<_> = eval.epoch(0).collect();
+    let e2: Vec<_> = eval.epoch(0).collect();
+    assert!(!e1.is_empty());
+    assert_eq!(e1, e2, "evaluation batches must be identical across reads");
+    let unknown =
+        serde_yaml::from_str::<distil::data::DataConfig>("corpus: {paths: [a]}\nmask: {}\n")
+            .unwrap_err()
+            .to_string();
+    assert!(unknown.contains("mask"), "{unknown}");
 }

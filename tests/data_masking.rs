@@ -54,10 +54,13 @@ fn fixture(masking: &Masking, mode: SequenceMode) -> Fixture {
     }
 }
 
-/// Rows of one epoch: (original ids, original flags, masked batch row, labels).
+/// One checked row: (original ids, original flags, masked batch row, labels).
+type CheckedRow = (Vec<u32>, Vec<u8>, Vec<u32>, Vec<i64>);
+
+/// Rows of one epoch.
 struct Checked {
     stats: MaskStats,
-    rows: Vec<(Vec<u32>, Vec<u8>, Vec<u32>, Vec<i64>)>,
+    rows: Vec<CheckedRow>,
 }
 
 fn run_epoch(f: &Fixture, masking: &Masking, record: bool) -> Checked {

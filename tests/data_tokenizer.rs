@@ -50,10 +50,10 @@ fn minilm_tokenizer_json_and_vocab_txt_agree() {
     let a = tj.encode_batch(&lines).unwrap();
     let b = vt.encode_batch(&lines).unwrap();
     assert_eq!(a, b, "vocab.txt pipeline differs from tokenizer.json");
+    let longest = a.iter().map(Vec::len).max().unwrap();
     assert!(
-        a.iter().any(|v| v.len() > 128),
-        "long lines must not be truncated (longest: {})",
-        a.iter().map(Vec::len).max().unwrap_or(0)
+        longest > 128,
+        "long lines must not be truncated (longest {longest})"
     );
     let (ids, types) = tj.encode_with_specials("a b", Some("c")).unwrap();
     assert_eq!(ids.first(), Some(&101));
@@ -129,6 +129,12 @@ fn trained_wordpiece_keeps_bert_ids_and_round_trips() {
     let vocab = std::fs::read_to_string(out.join("vocab.txt")).unwrap();
     assert_eq!(vocab.lines().nth(103), Some("[MASK]"));
     assert_eq!(vocab.lines().count(), t.vocab_size());
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["tokenizer_class"], "BertTokenizer");
+    assert_eq!(cfg["mask_token"], "[MASK]");
+    assert_eq!(cfg["do_lower_case"], true);
     let from_json = Tok::load(&out, &BertVocabOptions::default()).unwrap();
     let from_txt =
         Tok::from_bert_vocab(out.join("vocab.txt"), &BertVocabOptions::default()).unwrap();
@@ -169,6 +175,11 @@ fn trained_byte_level_bpe_has_roberta_ids_and_round_trips() {
     let out = d.path().join("bpe");
     t.save(&out).unwrap();
     assert!(out.join("vocab.json").is_file() && out.join("merges.txt").is_file());
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["tokenizer_class"], "RobertaTokenizer");
+    assert_eq!(cfg["bos_token"], "<s>");
     let re = Tok::from_bpe_files(out.join("vocab.json"), out.join("merges.txt"), false).unwrap();
     let lines = ["karo mishi tor, quenmal.", "Ünïcödé ok 漢字"];
     let a = t.encode_batch(&lines).unwrap();

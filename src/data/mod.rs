@@ -57,6 +57,48 @@ pub struct Prepared {
     pub splits: Splits,
 }
 
+impl Prepared {
+    /// A batcher over the training sequences: shuffled every epoch with `seed`, masked with
+    /// `cfg.masking` (frequency smoothing uses the cache's token counts).
+    pub fn train_batcher(
+        &self,
+        cfg: &DataConfig,
+        batch: BatchConfig,
+        seed: u64,
+        tok: &Tok,
+    ) -> Result<Batcher> {
+        let masker = Masker::new(&cfg.masking, tok, Some(self.cache.counts()))?;
+        Batcher::new(
+            self.splits.train.clone(),
+            Arc::new(masker),
+            batch,
+            seed,
+            tok,
+        )
+    }
+
+    /// A batcher over the held-out sequences (`None` without a held-out split): never
+    /// shuffled, and with the same masks every time it is read from epoch 0, so evaluations
+    /// are comparable across a run.
+    pub fn eval_batcher(
+        &self,
+        cfg: &DataConfig,
+        batch_size: usize,
+        seed: u64,
+        tok: &Tok,
+    ) -> Result<Option<Batcher>> {
+        let Some(eval) = &self.splits.eval else {
+            return Ok(None);
+        };
+        let masker = Masker::new(&cfg.masking, tok, Some(self.cache.counts()))?;
+        let batch = BatchConfig {
+            shuffle: false,
+            ..BatchConfig::new(batch_size)
+        };
+        Batcher::new(eval.clone(), Arc::new(masker), batch, seed, tok).map(Some)
+    }
+}
+
 /// Opens the corpus, builds or reuses its token cache (with the word segmentation the masking
 /// strategy needs) and cuts the sequences.
 pub fn prepare(cfg: &DataConfig, tok: &Tok) -> Result<Prepared> {

@@ -507,63 +507,79 @@ pub fn is_held_out(seed: u64, d: u64, fraction: f64) -> bool {
     fraction > 0.0 && (mix(mix(seed) ^ d) >> 11) as f64 / (1u64 << 53) as f64 <= fraction
 }
 
-/// Documents as unit ranges, following [`Documents`].
-fn documents(cache: &TokenCache, mode: Documents) -> Vec<std::ops::Range<usize>> {
-    let lines = match mode {
-        Documents::Lines => true,
-        Documents::BlankLines => false,
-        Documents::Auto => {
-            cache.meta().n_docs <= cache.meta().read.files
-                && cache.n_units() as u64 > cache.meta().n_docs
+/// Documents as unit ranges, following [`Documents`], without materialising them (a corpus
+/// may have hundreds of millions of lines).
+struct Docs<'a> {
+    cache: &'a TokenCache,
+    lines: bool,
+}
+
+impl<'a> Docs<'a> {
+    fn new(cache: &'a TokenCache, mode: Documents) -> Self {
+        let meta = cache.meta();
+        let lines = match mode {
+            Documents::Lines => true,
+            Documents::BlankLines => false,
+            Documents::Auto => meta.n_docs <= meta.read.files && meta.n_units > meta.n_docs,
+        };
+        Docs { cache, lines }
+    }
+
+    fn len(&self) -> usize {
+        if self.lines {
+            self.cache.n_units()
+        } else {
+            self.cache.n_docs()
         }
-    };
-    if lines {
-        (0..cache.n_units()).map(|u| u..u + 1).collect()
-    } else {
-        (0..cache.n_docs()).map(|d| cache.doc_units(d)).collect()
+    }
+
+    fn get(&self, d: usize) -> std::ops::Range<usize> {
+        if self.lines {
+            d..d + 1
+        } else {
+            self.cache.doc_units(d)
+        }
     }
 }
 
 fn build(cache: &TokenCache, cfg: &SequenceConfig, tmp: &Path) -> Result<CutStats> {
     let pairs = cfg.pairs.is_some();
-    let docs = documents(cache, cfg.documents);
-    let mut train_docs = Vec::new();
-    let mut eval_docs = Vec::new();
-    for (d, r) in docs.iter().enumerate() {
-        if is_held_out(cfg.seed, d as u64, cfg.eval_fraction) {
-            eval_docs.push(r.clone());
-        } else {
-            train_docs.push(r.clone());
-        }
-    }
-    if cfg.eval_fraction > 0.0 && eval_docs.is_empty() && train_docs.len() > 1 {
-        // A tiny corpus: hold out its last document rather than nothing.
-        if let Some(last) = train_docs.pop() {
-            eval_docs.push(last);
-        }
-    }
+    let docs = Docs::new(cache, cfg.documents);
+    let n = docs.len();
+    let held = |d: usize| is_held_out(cfg.seed, d as u64, cfg.eval_fraction);
+    // A tiny corpus with nothing held out by chance: hold out its last document.
+    let forced = (cfg.eval_fraction > 0.0 && n > 1 && !(0..n).any(held)).then(|| n - 1);
+    let in_eval = |d: usize| held(d) || forced == Some(d);
+    let n_eval = (0..n).filter(|&d| in_eval(d)).count() as u64;
     let mut stats = CutStats {
-        train_docs: train_docs.len() as u64,
-        eval_docs: eval_docs.len() as u64,
+        train_docs: n as u64 - n_eval,
+        eval_docs: n_eval,
         ..CutStats::default()
     };
-    for (name, split_docs) in [("train", &train_docs), ("eval", &eval_docs)] {
-        if name == "eval" && cfg.eval_fraction <= 0.0 {
+    for (name, eval) in [("train", false), ("eval", true)] {
+        if eval && cfg.eval_fraction <= 0.0 {
             continue;
         }
         let mut w = SplitWriter::new(tmp.join(name), pairs)?;
+        let split = (0..n).filter(|&d| in_eval(d) == eval).map(|d| docs.get(d));
         match cfg.pairs {
-            Some(task) => cut_pairs(cache, cfg, task, split_docs, &mut w, &mut stats)?,
+            Some(task) => {
+                let ids: Vec<u64> = (0..n)
+                    .filter(|&d| in_eval(d) == eval)
+                    .map(|d| d as u64)
+                    .collect();
+                cut_pairs(cache, cfg, task, &docs, &ids, &mut w, &mut stats)?
+            }
             None => match cfg.mode {
-                SequenceMode::LineByLine => cut_lines(cache, cfg, split_docs, &mut w, &mut stats)?,
-                SequenceMode::Packed => cut_packed(cache, cfg, split_docs, &mut w)?,
+                SequenceMode::LineByLine => cut_lines(cache, cfg, split, &mut w, &mut stats)?,
+                SequenceMode::Packed => cut_packed(cache, cfg, split, &mut w)?,
             },
         }
         let n = w.finish()?;
-        if name == "train" {
-            stats.train_sequences = n;
-        } else {
+        if eval {
             stats.eval_sequences = n;
+        } else {
+            stats.train_sequences = n;
         }
     }
     Ok(stats)
@@ -572,13 +588,13 @@ fn build(cache: &TokenCache, cfg: &SequenceConfig, tmp: &Path) -> Result<CutStat
 fn cut_lines(
     cache: &TokenCache,
     cfg: &SequenceConfig,
-    docs: &[std::ops::Range<usize>],
+    docs: impl Iterator<Item = std::ops::Range<usize>>,
     w: &mut SplitWriter,
     stats: &mut CutStats,
 ) -> Result<()> {
     let cap = (cfg.block_size - 2) as u64;
     for d in docs {
-        for u in d.clone() {
+        for u in d {
             let r = cache.unit_range(u);
             let n = r.end - r.start;
             if n <= cap {
@@ -617,14 +633,14 @@ fn piece(start: u64, len: u64, flags: u32) -> Piece {
 fn cut_packed(
     cache: &TokenCache,
     cfg: &SequenceConfig,
-    docs: &[std::ops::Range<usize>],
+    docs: impl Iterator<Item = std::ops::Range<usize>>,
     w: &mut SplitWriter,
 ) -> Result<()> {
     let cap = (cfg.block_size - 1) as u64;
     let mut cur: Vec<Piece> = Vec::new();
     let mut used = 0u64;
     for d in docs {
-        for u in d.clone() {
+        for u in d {
             let r = cache.unit_range(u);
             let mut pos = r.start;
             while pos < r.end {
@@ -690,23 +706,25 @@ fn cut_pairs(
     cache: &TokenCache,
     cfg: &SequenceConfig,
     task: SentencePairs,
-    docs: &[std::ops::Range<usize>],
+    all_docs: &Docs<'_>,
+    doc_ids: &[u64],
     w: &mut SplitWriter,
     stats: &mut CutStats,
 ) -> Result<()> {
     let max = (cfg.block_size - 3) as u64;
     let mut rng = ChaCha8Rng::seed_from_u64(mix(cfg.seed ^ 0x5041_4952));
-    if task == SentencePairs::Nsp && docs.len() < 2 && !docs.is_empty() {
+    if task == SentencePairs::Nsp && doc_ids.len() < 2 && !doc_ids.is_empty() {
         return Err(DataError::config(
             "data.pairs",
             format!(
                 "next-sentence prediction needs at least 2 documents in each split, found {} (set `documents: lines` for one document per line)",
-                docs.len()
+                doc_ids.len()
             ),
         ));
     }
     let mut pieces = Vec::new();
-    for (di, d) in docs.iter().enumerate() {
+    for (di, &doc) in doc_ids.iter().enumerate() {
+        let d = &all_docs.get(doc as usize);
         // cursor: unit index and token position within it
         let mut unit = d.start;
         let mut pos = if unit < d.end {
@@ -762,7 +780,7 @@ fn cut_pairs(
                     if rng.random::<f64>() < 0.5 {
                         label = 1;
                         let want = max.saturating_sub(total(&a)).max(1);
-                        b = random_segment(cache, docs, di, want, &mut rng);
+                        b = random_segment(cache, all_docs, doc_ids, di, want, &mut rng);
                         // Put the unused second part back, as BERT does.
                         let first = b_rest[0];
                         unit = first.unit;
@@ -804,19 +822,20 @@ fn cut_pairs(
 
 fn random_segment(
     cache: &TokenCache,
-    docs: &[std::ops::Range<usize>],
+    all_docs: &Docs<'_>,
+    doc_ids: &[u64],
     this: usize,
     want: u64,
     rng: &mut ChaCha8Rng,
 ) -> Vec<Span> {
     let mut other = this;
     for _ in 0..16 {
-        other = rng.random_range(0..docs.len());
-        if other != this && !docs[other].is_empty() {
+        other = rng.random_range(0..doc_ids.len());
+        if other != this && !all_docs.get(doc_ids[other] as usize).is_empty() {
             break;
         }
     }
-    let d = &docs[other];
+    let d = &all_docs.get(doc_ids[other] as usize);
     let mut out = Vec::new();
     if d.is_empty() {
         return out;

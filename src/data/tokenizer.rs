@@ -532,7 +532,58 @@ impl Tok {
             }
             _ => {}
         }
+        // So that `AutoTokenizer.from_pretrained(dir)` picks the right class and specials.
+        let tok_name = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i));
+        let sp = &self.special;
+        let mut specials = serde_json::Map::new();
+        for (k, id) in [
+            ("pad_token", Some(sp.pad)),
+            ("unk_token", sp.unk),
+            ("cls_token", Some(sp.cls)),
+            ("sep_token", Some(sp.sep)),
+            ("mask_token", Some(sp.mask)),
+            ("bos_token", sp.bos),
+            ("eos_token", sp.eos),
+        ] {
+            if let Some(t) = tok_name(id) {
+                specials.insert(k.into(), serde_json::Value::String(t));
+            }
+        }
+        let class = match self.boundary {
+            WordBoundary::ContinuationPrefix(_) => "BertTokenizer",
+            WordBoundary::SpacePrefix('Ġ') => "RobertaTokenizer",
+            _ => "PreTrainedTokenizerFast",
+        };
+        let mut config = specials.clone();
+        config.insert("tokenizer_class".into(), class.into());
+        if let Some(n) = self.lowercase() {
+            config.insert("do_lower_case".into(), n.into());
+        }
+        for (name, value) in [
+            ("special_tokens_map.json", specials),
+            ("tokenizer_config.json", config),
+        ] {
+            let p = dir.join(name);
+            let text = serde_json::to_string_pretty(&serde_json::Value::Object(value))
+                .map_err(|e| DataError::tokenizer(&self.source, e))?;
+            write_atomic(&p, text.as_bytes())?;
+            written.push(p);
+        }
         Ok(written)
+    }
+
+    /// Whether the normaliser lower-cases (BERT normaliser or a `Lowercase` step), when known.
+    fn lowercase(&self) -> Option<bool> {
+        let v: serde_json::Value = serde_json::from_str(&self.json).ok()?;
+        let n = v.get("normalizer")?;
+        if n.is_null() {
+            return Some(false);
+        }
+        match n.get("type")?.as_str()? {
+            "BertNormalizer" => n.get("lowercase")?.as_bool(),
+            "Lowercase" => Some(true),
+            _ => None,
+        }
     }
 
     /// The underlying `tokenizers` tokenizer.
