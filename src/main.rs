@@ -1,6 +1,7 @@
 use clap::Parser;
 
 fn main() {
+    distil::util::alloc::tune_allocator();
     let cli = distil::cli::Cli::parse();
     if let Err(e) = distil::cli::run(cli) {
         eprintln!("error: {e:#}");

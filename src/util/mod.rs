@@ -1,5 +1,7 @@
 //! Small shared helpers.
 
+pub mod alloc;
+
 use anyhow::{Context, Result};
 use std::io::Write;
 use std::path::Path;
