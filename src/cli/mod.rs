@@ -1,7 +1,10 @@
 //! The `distil` command line.
 
+pub mod eval;
 pub mod inspect;
+pub mod report;
 pub mod run;
+pub mod tokenizer;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -50,6 +53,16 @@ pub enum Command {
         #[arg(long)]
         tensors: bool,
     },
+    /// Train a tokenizer (WordPiece or byte-level BPE) on a corpus.
+    Tokenizer {
+        #[command(subcommand)]
+        command: tokenizer::TokenizerCommand,
+    },
+    /// Held-out MLM loss, perplexity and masked-token accuracy of one or more checkpoints,
+    /// all on the same masked tokens.
+    Eval(eval::EvalArgs),
+    /// Draw a run's loss, learning-rate and evaluation curves and print a summary.
+    Report(report::ReportArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -82,6 +95,17 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Inspect { model, tensors } => {
             print!("{}", inspect::inspect(&model, tensors)?);
+        }
+        Command::Tokenizer { command } => tokenizer::run(command)?,
+        Command::Eval(args) => {
+            let report = eval::run(&args)?;
+            print!("{}", eval::table(&report));
+            if let Some(path) = &args.json {
+                println!("written to {}", path.display());
+            }
+        }
+        Command::Report(args) => {
+            print!("{}", report::run(&args)?);
         }
     }
     Ok(())
