@@ -123,7 +123,7 @@ fn teacher_is_frozen_through_training_steps() {
             total_steps: total,
         };
         let l = obj.loss(&s, &b, progress, &mut rng).unwrap();
-        for name in ["loss_soft", "loss_hard", "cosine", "loss_hidden_mse"] {
+        for name in ["loss_soft", "loss_hard", "loss_cosine", "loss_hidden_mse"] {
             assert!(
                 l.parts.iter().any(|(k, _)| *k == name),
                 "step {step}: {name} missing from {:?}",
@@ -180,9 +180,10 @@ fn student_gradient_matches_pytorch_for_distilbert_loss() {
                 annealing: {start: 0, end: 1, span: 1.0}\n";
     let obj = DistillObjective::new(vec![&t], &s, section(yaml), 0).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(0);
+    // Step 1 of a 3-step run: half way, λ = 0.5.
     let progress = Progress {
         step: 1,
-        total_steps: 2,
+        total_steps: 3,
     };
     let l = obj.loss(&s, &b, progress, &mut rng).unwrap();
     let total = l.loss.to_scalar::<f32>().unwrap();
@@ -248,7 +249,11 @@ fn born_again_student_has_zero_soft_loss_in_eval_mode() {
         .unwrap();
     let part = |n: &str| l.parts.iter().find(|(k, _)| *k == n).unwrap().1;
     assert!(part("loss_soft").abs() < 1e-6, "soft {}", part("loss_soft"));
-    assert!(part("cosine").abs() < 1e-6, "cosine {}", part("cosine"));
+    assert!(
+        part("loss_cosine").abs() < 1e-6,
+        "cosine {}",
+        part("loss_cosine")
+    );
     assert!(part("loss_hard") > 0.1);
 
     // Sensitivity: the same student in training mode (dropout 0.1) is not identical.

@@ -268,7 +268,7 @@ impl Objective for DistillObjective<'_> {
         if w.cosine > 0.0 {
             let s_last = self.project(self.layer_pairs.len() - 1, &s_out.last_hidden_state)?;
             add(
-                "cosine",
+                "loss_cosine",
                 w.cosine,
                 cosine_loss(&s_last, t_last.as_ref().unwrap(), &batch.attention_mask)?,
             )?;

@@ -19,7 +19,11 @@ pub fn attention_kl(student: &Tensor, teacher: &Tensor, mask: &Tensor) -> Result
     let log_q = student.clamp(1e-30, 1.0)?.log()?;
     let kl_rows = (p * (log_p - log_q)?)?.sum(D::Minus1)?; // [b, h, s]
     let m = mask.to_dtype(kl_rows.dtype())?.unsqueeze(1)?; // [b, 1, s]
-    let n = m.sum_all()?.to_scalar::<f32>()? as f64 * heads as f64;
+    let n = m
+        .sum_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?
+        * heads as f64;
     if n == 0.0 {
         bail!("attention loss over zero real tokens");
     }

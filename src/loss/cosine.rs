@@ -13,7 +13,10 @@ pub fn cosine_loss(student: &Tensor, teacher: &Tensor, mask: &Tensor) -> Result<
     // PyTorch's cosine_similarity clamps each norm at eps = 1e-8.
     let cos = (dot / (ns.clamp(1e-8, f64::MAX)? * nt.clamp(1e-8, f64::MAX)?)?)?;
     let m = mask.to_dtype(cos.dtype())?;
-    let n = m.sum_all()?.to_scalar::<f32>()? as f64;
+    let n = m
+        .sum_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?;
     if n == 0.0 {
         bail!("cosine loss over zero real tokens");
     }

@@ -13,7 +13,10 @@ pub fn mse(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 pub fn masked_mse(a: &Tensor, b: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let per_token = (a - b.detach())?.sqr()?.mean(D::Minus1)?;
     let m = mask.to_dtype(per_token.dtype())?;
-    let n = m.sum_all()?.to_scalar::<f32>()? as f64;
+    let n = m
+        .sum_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?;
     if n == 0.0 {
         bail!("MSE over zero real tokens");
     }

@@ -16,8 +16,9 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// 0 at the first step, 1 at the last.
     pub fn fraction(&self) -> f64 {
-        self.step as f64 / self.total_steps.max(1) as f64
+        (self.step as f64 / self.total_steps.saturating_sub(1).max(1) as f64).min(1.0)
     }
 }
 
