@@ -144,7 +144,7 @@ pub fn check(path: &Path, sets: &[String]) -> Result<Vec<String>> {
         models.push(("model.from", m));
     }
     if let Some(d) = &r.distill {
-        if d.teacher_recipe.is_none() || Path::new(&d.teacher).exists() {
+        if d.teacher_recipe.is_none() || Path::new(&d.teacher).join("config.json").is_file() {
             models.push(("distill.teacher", &d.teacher));
         }
     }
