@@ -25,7 +25,8 @@ use std::sync::atomic::AtomicBool;
 pub fn check_teacher(loaded: &LoadedRecipe, d: &DistillSection) -> Result<Vec<String>> {
     let mut out = Vec::new();
     let needs_logits = d.losses.soft > 0.0 || d.losses.logit_mse > 0.0;
-    let pending = d.teacher_recipe.is_some() && !Path::new(&d.teacher).join("config.json").is_file();
+    let pending =
+        d.teacher_recipe.is_some() && !Path::new(&d.teacher).join("config.json").is_file();
     let dir = match resolve_offline(&d.teacher) {
         Ok(Resolved::Dir(dir)) if !pending => dir,
         Ok(Resolved::Dir(_)) => {
