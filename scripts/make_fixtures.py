@@ -52,7 +52,7 @@ SENTENCES = [
 ]
 
 
-_DTYPES = {"float32": "F32", "int64": "I64"}
+_DTYPES = {"float32": "F32", "float64": "F64", "int64": "I64"}
 
 
 def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str]) -> None:

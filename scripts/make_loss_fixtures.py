@@ -46,6 +46,7 @@ which equals BERT with token_type_ids = 0). Both run without dropout.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -64,32 +65,9 @@ SOFT_POSITIONS = [1, 3, 4, 6, 8, 9]
 # MLM labels: these flat positions carry a label, every other one is -100.
 LABEL_POSITIONS = [0, 2, 5, 7, 9]
 
-_DTYPES = {"float32": "F32", "float64": "F64", "int64": "I64"}
-
-
-def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
-    """Byte-reproducible safetensors writer (as scripts/make_fixtures.py, plus F64)."""
-    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
-    blobs, offset = [], 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        dtype = _DTYPES[str(t.dtype).removeprefix("torch.")]
-        data = t.numpy().astype(t.numpy().dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    js = json.dumps(header, separators=(",", ":")).encode()
-    js += b" " * (-len(js) % 8)
-    with open(path, "wb") as f:
-        f.write(len(js).to_bytes(8, "little"))
-        f.write(js)
-        for b in blobs:
-            f.write(b)
-    from safetensors.torch import load_file
-
-    back = load_file(str(path))
-    assert back.keys() == tensors.keys()
-    assert all(torch.equal(back[k], tensors[k].detach().cpu()) for k in tensors)
+# The byte-reproducible safetensors writer shared with make_fixtures.py.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_fixtures import save_safetensors  # noqa: E402
 
 
 def value_and_grad(fn, x: torch.Tensor, *rest):

@@ -5,14 +5,12 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
-use common::{fixture_dir, load_io, max_abs, max_abs_diff};
-use distil::data::Batch;
+use candle_core::{DType, Tensor};
+use common::{load_io, max_abs, max_abs_diff};
 use distil::distill::{DistillObjective, DistillSection};
 use distil::loss::{soft_kl, teacher_probs};
 use distil::model::names::from_canonical;
-use distil::model::student::init_from_teacher;
-use distil::model::{load_encoder, Encoder, ForwardOptions, Layout, LoadOptions};
+use distil::model::{Encoder, ForwardOptions, Layout};
 use distil::train::batch::DeviceBatch;
 use distil::train::objective::{Objective, Progress};
 use distil::train::optim::{AdamW, AdamWConfig};
@@ -23,47 +21,15 @@ use std::collections::{BTreeMap, HashMap};
 type Io = HashMap<String, Tensor>;
 
 fn teacher() -> Encoder {
-    let (enc, _) = load_encoder(
-        &fixture_dir("bert"),
-        &Device::Cpu,
-        &LoadOptions {
-            trainable: false,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    enc
+    common::fixture_teacher()
 }
 
-/// A DistilBERT-layout student of `layers` layers initialised from the teacher.
 fn student(teacher: &Encoder, layers: usize, dropout: bool) -> Encoder {
-    let mut cfg = teacher.cfg.clone();
-    cfg.layout = Layout::DistilBert;
-    cfg.type_vocab_size = 0;
-    cfg.num_layers = layers;
-    if !dropout {
-        cfg.hidden_dropout = 0.0;
-        cfg.attention_dropout = 0.0;
-    }
-    let params = init_from_teacher(teacher, &cfg, None, 0).unwrap();
-    Encoder::new(cfg, params).unwrap()
+    common::distilbert_student(teacher, layers, dropout)
 }
 
-/// The batch of tests/fixtures/distill (scripts/make_loss_fixtures.py): row 1 padded, five
-/// masked tokens.
 fn batch(io: &Io) -> DeviceBatch {
-    let (b, s) = io["input_ids"].dims2().unwrap();
-    let flat = |k: &str| -> Vec<i64> { io[k].flatten_all().unwrap().to_vec1().unwrap() };
-    let batch = Batch {
-        batch_size: b,
-        seq_len: s,
-        input_ids: flat("input_ids").iter().map(|&x| x as u32).collect(),
-        attention_mask: flat("attention_mask").iter().map(|&x| x as u32).collect(),
-        token_type_ids: flat("token_type_ids").iter().map(|&x| x as u32).collect(),
-        labels: flat("labels"),
-        sentence_labels: None,
-    };
-    DeviceBatch::new(&batch, &Device::Cpu).unwrap()
+    common::distill_batch(io)
 }
 
 fn section(yaml: &str) -> DistillSection {

@@ -6,15 +6,13 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{fixture_dir, load_io, max_abs, max_abs_diff};
-use distil::data::Batch;
+use common::{load_io, max_abs, max_abs_diff};
 use distil::distill::{DistillObjective, DistillSection};
 use distil::loss::{
     attention_kl, cosine_loss, cross_entropy, masked_mse, masked_positions, mse, soft_kl,
     teacher_probs,
 };
-use distil::model::student::init_from_teacher;
-use distil::model::{load_encoder, Encoder, Layout, LoadOptions};
+use distil::model::Encoder;
 use distil::train::batch::DeviceBatch;
 use distil::train::objective::{Objective, Progress};
 use rand::SeedableRng;
@@ -318,46 +316,16 @@ fn attention_kl_matches_minilm_definition_and_ignores_padding() {
 // --- the distillation objective: annealing and temperature -----------------------------
 
 fn teacher() -> Encoder {
-    let (enc, _) = load_encoder(
-        &fixture_dir("bert"),
-        &Device::Cpu,
-        &LoadOptions {
-            trainable: false,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    enc
+    common::fixture_teacher()
 }
 
-/// A one-layer DistilBERT-style student from the teacher's layer 0, without dropout (so a
-/// loss() call is deterministic and comparable with PyTorch).
+/// A one-layer DistilBERT-style student from the teacher's layer 0, without dropout.
 fn student(teacher: &Encoder) -> Encoder {
-    let mut cfg = teacher.cfg.clone();
-    cfg.layout = Layout::DistilBert;
-    cfg.type_vocab_size = 0;
-    cfg.num_layers = 1;
-    cfg.hidden_dropout = 0.0;
-    cfg.attention_dropout = 0.0;
-    let params = init_from_teacher(teacher, &cfg, None, 0).unwrap();
-    Encoder::new(cfg, params).unwrap()
+    common::distilbert_student(teacher, 1, false)
 }
 
-/// The batch of tests/fixtures/distill (row 1 padded, five masked tokens).
 fn distill_batch(io: &Io) -> DeviceBatch {
-    let ids = &io["input_ids"];
-    let (b, s) = ids.dims2().unwrap();
-    let flat = |k: &str| -> Vec<i64> { io[k].flatten_all().unwrap().to_vec1().unwrap() };
-    let batch = Batch {
-        batch_size: b,
-        seq_len: s,
-        input_ids: flat("input_ids").iter().map(|&x| x as u32).collect(),
-        attention_mask: flat("attention_mask").iter().map(|&x| x as u32).collect(),
-        token_type_ids: flat("token_type_ids").iter().map(|&x| x as u32).collect(),
-        labels: flat("labels"),
-        sentence_labels: None,
-    };
-    DeviceBatch::new(&batch, &Device::Cpu).unwrap()
+    common::distill_batch(io)
 }
 
 fn section(yaml: &str) -> DistillSection {
