@@ -13,20 +13,23 @@
 //! `--mode forward`: eval mode (no dropout, frozen parameters, no gradient tracking),
 //! input ids -> MLM logits for every position `[batch, seq, vocab]`.
 //! `--mode train`: dropout `--dropout` on (hidden and attention, seeded), forward + MLM
-//! cross-entropy over a fixed 15% of the positions (replaced by `[MASK]`) + backward.
-//! There is no optimiser step: the JSON says `"optimizer": false`; compare with
-//! `torch_step.py --no-optim`. `--head-on masked` (the default here) runs the MLM head
+//! cross-entropy over a fixed 15% of the positions (replaced by `[MASK]`) + backward +
+//! the crate's in-place AdamW update (`distil::train::optim`; weight decay 0.01, none on
+//! biases and LayerNorm weights). `--no-optim` leaves the update out (the JSON then says
+//! `"optimizer": false`; compare with `torch_step.py --no-optim`). The matmul FLOP count
+//! never includes the optimiser. `--head-on masked` (the default here) runs the MLM head
 //! only on the masked rows; `--head-on all` runs it on every position and then picks the
 //! masked rows, as Hugging Face does.
 //!
 //! Each of `--warmup + --iters` steps is timed on its own (the step's tensors and gradients
 //! are dropped inside the timed region, as PyTorch frees them inside its step); the median
-//! of the timed steps is reported, with the medians of its parts (encoder, head + loss,
-//! backward). Prints one JSON line: `tokens_per_s = batch * seq / median_s`; `peak_rss_mb`
-//! is the process's VmHWM (read before the matmul peak is measured); `matmul_flops` counts
-//! the matmuls the step really does (2·m·n·k each, ×3 with the backward), `gflops` is that
-//! over `median_s`, and `peak_gflops` is the best of a few `--peak-size`³ fp32 candle
-//! matmuls on the same threads, so `pct_of_peak` is this step's share of it.
+//! of the timed steps is reported, with the medians of its parts (`encoder_s`; `head_s`:
+//! MLM head + loss; `backward_s`; `optim_s`). One JSON line, as torch_step.py prints:
+//! `tokens_per_s = batch * seq / median_s`; `peak_rss_mb` is the process's VmHWM (read
+//! before the matmul peak is measured); `matmul_flops` counts the matmuls the step really
+//! does (2·m·n·k each, ×3 with the backward), `gflops` is that over `median_s`, and
+//! `peak_gflops` is the best of a few `--peak-size`³ fp32 candle matmuls on the same
+//! threads, so `pct_of_peak` is this step's share of it.
 //!
 //! `--threads N` sets `RAYON_NUM_THREADS` (candle's matmul and element-wise thread count)
 //! before any candle op runs.
@@ -36,8 +39,11 @@ use candle_core::{DType, Device, Tensor};
 use clap::{Parser, ValueEnum};
 use distil::loss::{cross_entropy, masked_positions};
 use distil::model::{Encoder, EncoderConfig, EncoderInput, ForwardOptions, Params, Parts};
+use distil::train::optim::{AdamW, AdamWConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde_json::Value;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -82,6 +88,12 @@ struct Args {
     /// Train mode: the MLM head on all positions or only the masked ones.
     #[arg(long, value_enum, default_value = "masked")]
     head_on: HeadOn,
+    /// Train mode: leave out the AdamW step (as torch_step.py --no-optim).
+    #[arg(long)]
+    no_optim: bool,
+    /// AdamW learning rate (weight decay 0.01, as torch_step.py).
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
     /// Side of the square fp32 matmul timed for the machine's peak; 0 skips it.
     #[arg(long, default_value_t = 2048)]
     peak_size: usize,
@@ -167,6 +179,7 @@ struct StepTimes {
     encoder: f64,
     head: f64,
     backward: f64,
+    optim: f64,
 }
 
 fn main() -> Result<()> {
@@ -184,11 +197,11 @@ fn main() -> Result<()> {
     let dev = Device::Cpu;
     let (layers, hidden, heads, ffn, vocab) = dims(args.shape);
     let train = args.mode == Mode::Train;
-    let drop = if train { args.dropout } else { 0.0 };
+    let p_drop = if train { args.dropout } else { 0.0 };
     let mut cfg = EncoderConfig::bert(vocab, hidden, layers, heads, ffn);
     cfg.max_position_embeddings = cfg.max_position_embeddings.max(args.seq);
-    cfg.hidden_dropout = drop;
-    cfg.attention_dropout = drop;
+    cfg.hidden_dropout = p_drop;
+    cfg.attention_dropout = p_drop;
     let params = Params::random(&cfg, Parts::MLM, 0, &dev, train)?;
     let num_params = params.num_parameters();
     let enc = Encoder::new(cfg.clone(), params)?;
@@ -218,6 +231,15 @@ fn main() -> Result<()> {
         token_type_ids: None,
     };
     let mut dropout_rng = ChaCha8Rng::seed_from_u64(1);
+    let mut opt = if train && !args.no_optim {
+        let cfg = AdamWConfig {
+            weight_decay: 0.01,
+            ..AdamWConfig::default()
+        };
+        Some(AdamW::new(enc.params.vars(), cfg)?)
+    } else {
+        None
+    };
 
     let mut last_loss = f32::NAN;
     let mut step = || -> Result<StepTimes> {
@@ -234,6 +256,7 @@ fn main() -> Result<()> {
                 encoder: (t1 - t0).as_secs_f64(),
                 head: (t2 - t1).as_secs_f64(),
                 backward: 0.0,
+                optim: 0.0,
             });
         }
         let out = enc.forward(&input, ForwardOptions::default(), Some(&mut dropout_rng))?;
@@ -249,14 +272,25 @@ fn main() -> Result<()> {
         let t2 = Instant::now();
         let grads = loss.backward()?;
         let t3 = Instant::now();
+        if let Some(opt) = opt.as_mut() {
+            let mut by_name = BTreeMap::new();
+            for (name, var) in enc.params.vars() {
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    by_name.insert(name.clone(), g.clone());
+                }
+            }
+            opt.update(&by_name, args.lr, 1.0)?;
+        }
+        let t4 = Instant::now();
         last_loss = loss.to_scalar::<f32>()?;
         drop((out, logits, loss, grads));
-        let t4 = Instant::now();
+        let t5 = Instant::now();
         Ok(StepTimes {
-            total: (t4 - t0).as_secs_f64(),
+            total: (t5 - t0).as_secs_f64(),
             encoder: (t1 - t0).as_secs_f64(),
             head: (t2 - t1).as_secs_f64(),
             backward: (t3 - t2).as_secs_f64(),
+            optim: (t4 - t3).as_secs_f64(),
         })
     };
 
@@ -270,6 +304,8 @@ fn main() -> Result<()> {
     let totals: Vec<f64> = times.iter().map(|t| t.total).collect();
     let part = |f: fn(&StepTimes) -> f64| median(&times.iter().map(f).collect::<Vec<_>>());
     let median_s = median(&totals);
+    let min_s = totals.iter().cloned().fold(f64::INFINITY, f64::min);
+    let max_s = totals.iter().cloned().fold(0.0, f64::max);
     let peak_rss_mb = vm_hwm_mb().unwrap_or(f64::NAN);
 
     let head_rows = if train && args.head_on == HeadOn::Masked {
@@ -284,45 +320,54 @@ fn main() -> Result<()> {
     let gflops = flops / median_s / 1e9;
     let threads = candle_core::utils::get_num_threads();
 
-    let mut out = serde_json::json!({
-        "framework": "distil",
-        "shape": format!("{:?}", args.shape).to_lowercase(),
-        "mode": format!("{:?}", args.mode).to_lowercase(),
-        "batch": b,
-        "seq": s,
-        "tokens_per_s": round(tokens as f64 / median_s, 1),
-        "median_s": round(median_s, 6),
-        "peak_rss_mb": round(peak_rss_mb, 1),
-        "min_s": round(totals.iter().cloned().fold(f64::INFINITY, f64::min), 6),
-        "max_s": round(totals.iter().cloned().fold(0.0, f64::max), 6),
-        "iters": args.iters,
-        "warmup": args.warmup,
-        "threads": threads,
-        "attn": "eager",
-        "device": "cpu",
-        "params": num_params,
-        "candle": "0.11",
-        "encoder_s": round(part(|t| t.encoder), 6),
-        "head_s": round(part(|t| t.head), 6),
-        "matmul_flops": flops,
-        "gflops": round(gflops, 1),
-    });
-    let obj = out.as_object_mut().context("json object")?;
+    let lower = |x: &dyn std::fmt::Debug| format!("{x:?}").to_lowercase();
+    let mut out: Vec<(&str, Value)> = vec![
+        ("framework", "distil".into()),
+        ("shape", lower(&args.shape).into()),
+        ("mode", lower(&args.mode).into()),
+        ("batch", b.into()),
+        ("seq", s.into()),
+        ("tokens_per_s", round(tokens as f64 / median_s, 1).into()),
+        ("median_s", round(median_s, 6).into()),
+        ("peak_rss_mb", round(peak_rss_mb, 1).into()),
+        ("min_s", round(min_s, 6).into()),
+        ("max_s", round(max_s, 6).into()),
+        ("iters", args.iters.into()),
+        ("warmup", args.warmup.into()),
+        ("threads", threads.into()),
+        ("attn", "eager".into()),
+        ("device", "cpu".into()),
+        ("params", num_params.into()),
+        ("candle", "0.11".into()),
+        ("encoder_s", round(part(|t| t.encoder), 6).into()),
+        ("head_s", round(part(|t| t.head), 6).into()),
+    ];
     if train {
-        obj.insert("backward_s".into(), round(part(|t| t.backward), 6).into());
-        obj.insert("optimizer".into(), false.into());
-        obj.insert("dropout".into(), (drop as f64).into());
-        let head_on = format!("{:?}", args.head_on).to_lowercase();
-        obj.insert("head_on".into(), head_on.into());
-        obj.insert("masked_tokens".into(), n_masked.into());
-        obj.insert("last_loss".into(), round(last_loss as f64, 6).into());
+        out.push(("backward_s", round(part(|t| t.backward), 6).into()));
+        if opt.is_some() {
+            out.push(("optim_s", round(part(|t| t.optim), 6).into()));
+        }
+    }
+    out.push(("matmul_flops", flops.into()));
+    out.push(("gflops", round(gflops, 1).into()));
+    if train {
+        out.push(("optimizer", opt.is_some().into()));
+        out.push(("dropout", round(p_drop as f64, 6).into()));
+        out.push(("head_on", lower(&args.head_on).into()));
+        out.push(("masked_tokens", n_masked.into()));
+        out.push(("last_loss", round(last_loss as f64, 6).into()));
     }
     if args.peak_size > 0 {
         let peak = matmul_peak(args.peak_size, &dev)?;
-        obj.insert("peak_gflops".into(), round(peak, 1).into());
-        obj.insert("peak_size".into(), args.peak_size.into());
-        obj.insert("pct_of_peak".into(), round(100.0 * gflops / peak, 1).into());
+        out.push(("peak_gflops", round(peak, 1).into()));
+        out.push(("peak_size", args.peak_size.into()));
+        out.push(("pct_of_peak", round(100.0 * gflops / peak, 1).into()));
     }
-    println!("{}", serde_json::to_string(&out)?);
+    // One line, keys in this order, formatted as Python's json.dumps does.
+    let fields: Vec<String> = out
+        .iter()
+        .map(|(k, v)| format!("{}: {}", Value::from(*k), v))
+        .collect();
+    println!("{{{}}}", fields.join(", "));
     Ok(())
 }

@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# distil's step (benches/encoder_step.rs) beside PyTorch's (benches/torch_step.py) on the same
+# shape, batch and thread count, alternating, then a table.
+#
+#   benches/compare.sh [small|base] [forward|train] [threads] [-- more flags for both sides]
+#
+#   benches/compare.sh small train 2
+#   ITERS=3 WARMUP=1 benches/compare.sh base forward 2
+#
+# Builds the Rust bench once (release), then runs ROUNDS rounds; each round runs both sides
+# once, ours first in odd rounds and PyTorch first in even ones, so drift in the machine's
+# load hits both alike. Each run times WARMUP + ITERS steps and reports the median step.
+# train mode: dropout 0.1, MLM head on the masked rows only (--head-on masked) on both sides,
+# and the AdamW step on both (OPTIM=0 passes --no-optim to both).
+#
+# Environment:
+#   ROUNDS (3)  ITERS, WARMUP (small: 10, 2; base: 3, 1)  BATCH (8)  SEQ (128)  OPTIM (1)
+#   PYTHON  interpreter with torch + transformers (default: ../venv/bin/python,
+#           ./venv/bin/python, then python3)
+#   OUT     where the JSON lines go (default: target/bench-compare/SHAPE-MODE-THREADS[-no-optim])
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+shape=${1:-small}
+mode=${2:-train}
+threads=${3:-2}
+shift $(($# < 3 ? $# : 3))
+if [[ ${1:-} == -- ]]; then shift; fi
+extra=("$@")
+
+case $shape in small | base) ;; *) echo "shape must be small or base, not '$shape'" >&2; exit 2 ;; esac
+case $mode in forward | train) ;; *) echo "mode must be forward or train, not '$mode'" >&2; exit 2 ;; esac
+[[ $threads =~ ^[1-9][0-9]*$ ]] || { echo "threads must be a positive integer, not '$threads'" >&2; exit 2; }
+
+if [[ $shape == base ]]; then def_iters=3 def_warmup=1; else def_iters=10 def_warmup=2; fi
+rounds=${ROUNDS:-3}
+iters=${ITERS:-$def_iters}
+warmup=${WARMUP:-$def_warmup}
+batch=${BATCH:-8}
+seq=${SEQ:-128}
+optim=${OPTIM:-1}
+
+if [[ -z ${PYTHON:-} ]]; then
+    for p in ../venv/bin/python venv/bin/python python3; do
+        if command -v "$p" >/dev/null 2>&1; then PYTHON=$p; break; fi
+    done
+fi
+if ! "$PYTHON" -c 'import torch, transformers' 2>/dev/null; then
+    echo "$PYTHON cannot import torch and transformers; set PYTHON or see the README's benchmark section" >&2
+    exit 2
+fi
+
+suffix=""
+if [[ $mode == train && $optim == 0 ]]; then suffix=-no-optim; fi
+out=${OUT:-target/bench-compare/$shape-$mode-$threads$suffix}
+mkdir -p "$out"
+rm -f "$out"/{distil,pytorch}.{jsonl,others}
+
+echo "building benches/encoder_step.rs (release)..." >&2
+exe=$(cargo bench --bench encoder_step --no-run --message-format=json |
+    "$PYTHON" -c '
+import json, sys
+exe = ""
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "encoder_step" and m.get("executable"):
+        exe = m["executable"]
+print(exe)')
+if [[ -z $exe || ! -x $exe ]]; then
+    echo "the bench did not build; run: cargo bench --bench encoder_step --no-run" >&2
+    exit 1
+fi
+
+common=(--shape "$shape" --mode "$mode" --batch "$batch" --seq "$seq" --iters "$iters" --warmup "$warmup" --threads "$threads")
+if [[ $mode == train ]]; then
+    common+=(--head-on masked)
+    if [[ $optim == 0 ]]; then common+=(--no-optim); fi
+fi
+export RAYON_NUM_THREADS=$threads OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
+
+# CPU time the whole machine spent busy, and what our runs (this shell's children) used, in
+# clock ticks: the difference is other work that shared the CPUs while we measured.
+cpu_busy() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8 + $9; exit}' /proc/stat; }
+own_cpu() { awk '{print $16 + $17}' "/proc/$$/stat"; }
+others_since() { # busy0 own0 t0 -> CPUs used by other processes on average since then
+    awk -v b="$(($(cpu_busy) - $1))" -v o="$(($(own_cpu) - $2))" -v hz="$(getconf CLK_TCK)" \
+        -v t0="$3" -v t1="$(date +%s.%N)" 'BEGIN {printf "%.2f", (b - o) / hz / (t1 - t0)}'
+}
+busy0=$(cpu_busy) own0=$(own_cpu) t0=$(date +%s.%N)
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+timed() { # name command...: one run, its JSON line and the other processes' CPU use
+    local name=$1 b o t
+    shift
+    b=$(cpu_busy) o=$(own_cpu) t=$(date +%s.%N)
+    "$@" | tail -n 1 >>"$out/$name.jsonl"
+    others_since "$b" "$o" "$t" >>"$out/$name.others"
+    echo >>"$out/$name.others"
+}
+run_ours() { timed distil "$exe" "${common[@]}" "${extra[@]}"; }
+run_torch() { timed pytorch "$PYTHON" benches/torch_step.py "${common[@]}" --peak "${extra[@]}"; }
+for ((r = 1; r <= rounds; r++)); do
+    echo "round $r/$rounds: $shape $mode, $threads threads" >&2
+    if ((r % 2)); then run_ours; run_torch; else run_torch; run_ours; fi
+done
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+others=$(others_since "$busy0" "$own0" "$t0")
+
+"$PYTHON" - "$out" "$load_before" "$load_after" "$others" <<'EOF'
+import json, statistics, sys
+
+out, load_before, load_after, others = sys.argv[1:5]
+others = float(others)
+runs = {f: [json.loads(l) for l in open(f"{out}/{f}.jsonl") if l.strip()] for f in ("distil", "pytorch")}
+disturbed = {f: [float(l) > 0.25 for l in open(f"{out}/{f}.others") if l.strip()] for f in runs}
+med = lambda rs, k: statistics.median(r[k] for r in rs if k in r) if any(k in r for r in rs) else None
+d, p = runs["distil"], runs["pytorch"]
+first = d[0]
+peaks = {f: med(rs, "peak_gflops") for f, rs in runs.items()}
+machine_peak = max(v for v in peaks.values() if v)
+
+what = f"{first['shape']} {first['mode']}, batch {first['batch']} x seq {first['seq']}, {first['threads']} threads"
+if first["mode"] == "train":
+    opt = "AdamW on both sides" if first.get("optimizer") else "no optimiser step on either side"
+    what += f", dropout {first['dropout']}, MLM head on {first['head_on']} rows, {opt}"
+print(f"\n{what}")
+print(f"{len(d)} rounds alternating, {first['iters']} timed steps + {first['warmup']} warm-up per run; "
+      f"load average {load_before} before, {load_after} after; other processes used {others:.2f} "
+      f"CPUs on average meanwhile")
+print()
+hdr = f"{'':8} {'tokens/s':>9}  {'per round':<30} {'step s':>7} {'GFLOP/s':>8} {'% peak':>7} {'peak RSS MB':>12}"
+print(hdr)
+print("-" * len(hdr))
+for name, rs in runs.items():
+    tps = med(rs, "tokens_per_s")
+    per = " / ".join(f"{r['tokens_per_s']:.0f}" + ("*" if busy else "") for r, busy in zip(rs, disturbed[name]))
+    gf = med(rs, "gflops")
+    print(f"{name:8} {tps:9.1f}  {per:<30} {med(rs, 'median_s'):7.3f} {gf:8.1f} "
+          f"{100 * gf / machine_peak:6.1f}% {med(rs, 'peak_rss_mb'):12.1f}")
+ratio = med(d, "tokens_per_s") / med(p, "tokens_per_s")
+pairs = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(d, p)]
+rss = med(d, "peak_rss_mb") / med(p, "peak_rss_mb")
+if any(any(v) for v in disturbed.values()):
+    print("* other processes used more than 0.25 CPU on average during that run")
+print(f"\ndistil / pytorch tokens/s: {ratio:.2f}x (per round {min(pairs):.2f}-{max(pairs):.2f}); "
+      f"peak RSS {rss:.2f}x")
+quiet = [q for q, x, y in zip(pairs, disturbed["distil"], disturbed["pytorch"]) if not (x or y)]
+if quiet and len(quiet) < len(pairs):
+    print(f"rounds where neither run was disturbed ({len(quiet)} of {len(pairs)}): "
+          f"distil / pytorch {statistics.median(quiet):.2f}x")
+print(f"fp32 matmul peak ({first.get('peak_size', 2048)}^3, best of a few, median over rounds): "
+      f"candle {peaks['distil']:.1f} GFLOP/s, torch {peaks['pytorch']:.1f} GFLOP/s; "
+      f"% peak is against the higher, {machine_peak:.1f} GFLOP/s")
+print(f"matmul work per step: {first['matmul_flops'] / 1e9:.1f} GFLOP (2mnk per matmul, x3 with backward; "
+      "the optimiser not counted)")
+parts = [("encoder", "encoder_s"), ("head+loss", "head_s"), ("backward", "backward_s"), ("optimiser", "optim_s")]
+cells = [(label, med(d, k), med(p, k)) for label, k in parts if med(d, k) is not None or med(p, k) is not None]
+fmt = lambda x: "-" if x is None else f"{x:.3f}"
+print("median seconds per part:  " + "   ".join(f"{label} {fmt(a)} vs {fmt(b)}" for label, a, b in cells)
+      + "   (distil vs pytorch)")
+print(f"JSON lines: {out}/distil.jsonl, {out}/pytorch.jsonl")
+if others > 0.25:
+    print(f"WARNING: other processes kept {others:.2f} CPUs busy during the runs: the figures are skewed "
+          "(an oversubscribed OpenMP runtime, PyTorch's, slows down far more than rayon does); "
+          "rerun on a quiet machine before quoting a ratio")
+EOF
