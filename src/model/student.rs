@@ -131,7 +131,7 @@ mod tests {
     fn distilbert_layer_choice() {
         assert_eq!(default_layer_map(12, 6), vec![0, 2, 4, 7, 9, 11]);
         assert_eq!(default_layer_map(4, 2), vec![0, 3]);
-        assert_eq!(default_layer_map(6, 3), vec![0, 2, 5]);
+        assert_eq!(default_layer_map(6, 3), vec![0, 3, 5]);
         assert_eq!(default_layer_map(6, 6), vec![0, 1, 2, 3, 4, 5]);
     }
 }
