@@ -111,8 +111,9 @@ pub fn run(loaded: &LoadedRecipe, flags: &RunFlags, stop: &AtomicBool) -> Result
                     tr.display()
                 );
             }
+            // Continue a teacher run that was interrupted; start one that never began.
             let teacher_flags = RunFlags {
-                resume: true,
+                resume: Path::new(&d.teacher).is_dir(),
                 overwrite: false,
                 verbose: flags.verbose,
             };
