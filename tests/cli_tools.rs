@@ -620,7 +620,7 @@ fn report_of_a_distillation_run() {
     for step in (10..=100).step_by(10) {
         let t = step as f64;
         m += &format!(
-            "{{\"step\":{step},\"loss\":{},\"learning_rate\":{},\"loss_soft\":{},\"loss_hard\":{},\"cosine\":{},\"temperature\":2.0,\"tokens_per_s\":{}}}\n",
+            "{{\"step\":{step},\"loss\":{},\"learning_rate\":{},\"loss_soft\":{},\"loss_hard\":{},\"loss_cosine\":{},\"temperature\":2.0,\"tokens_per_s\":{}}}\n",
             10.0 - t / 20.0,
             1e-3 * (1.0 - t / 100.0),
             0.02 - t / 1e4,

@@ -36,7 +36,7 @@ pub struct Curves {
     pub learning_rate: Vec<(f64, f64)>,
     pub tokens_per_s: Vec<f64>,
     pub evals: Vec<EvalPoint>,
-    /// `loss_*` parts (and distillation's `cosine`), by name.
+    /// `loss_*` parts, by name.
     pub parts: BTreeMap<String, Vec<(f64, f64)>>,
     /// Distillation schedules: `temperature`, `lambda`.
     pub schedules: BTreeMap<String, Vec<(f64, f64)>>,
@@ -44,7 +44,7 @@ pub struct Curves {
 }
 
 fn is_part(k: &str) -> bool {
-    k.starts_with("loss_") || k == "cosine"
+    k.starts_with("loss_")
 }
 
 /// Reads the curves from `metrics.jsonl` lines.

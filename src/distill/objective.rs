@@ -65,9 +65,6 @@ impl<'a> DistillObjective<'a> {
                 t.cfg.num_heads
             );
         }
-        if w.cosine > 0.0 && student.cfg.hidden_size != t.cfg.hidden_size && w.hidden_mse == 0.0 {
-            // A projection is learned for the cosine loss as well.
-        }
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7072_6f6a);
         let dev = student.device().clone();
         let mut projections = Vec::new();

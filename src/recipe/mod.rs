@@ -313,12 +313,6 @@ impl LoadedRecipe {
             None => anyhow::anyhow!("{}: {key}: {msg}", self.path.display()),
         }
     }
-
-    /// Paths in the recipe are relative to the directory the command runs in (like
-    /// Hugging Face scripts); this resolves nothing, it is here for symmetry with checks.
-    pub fn dir(&self) -> &Path {
-        self.path.parent().unwrap_or(Path::new("."))
-    }
 }
 
 /// Reads a recipe, applies `--set key.path=value` overrides, and validates it.

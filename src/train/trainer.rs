@@ -212,9 +212,6 @@ impl Trainer<'_> {
                 for (k, v) in &parts_sum {
                     m[*k] = json!(v);
                 }
-                for (k, v) in self.objective_scalars(progress) {
-                    m[k] = json!(v);
-                }
                 metrics.log(&m)?;
                 bar.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {tps:.0} tok/s"));
                 if bar.is_hidden() && self.verbose {
@@ -293,10 +290,6 @@ impl Trainer<'_> {
             model_dir: run_dir.root.clone(),
             tokens_per_s,
         })
-    }
-
-    fn objective_scalars(&self, _p: Progress) -> Vec<(String, f64)> {
-        Vec::new()
     }
 
     fn log_eval(
