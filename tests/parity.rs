@@ -14,54 +14,66 @@ const LAYOUTS: [&str; 4] = ["bert", "roberta", "distilbert", "albert"];
 fn check_forward(layout: &str) {
     let dir = fixture_dir(layout);
     let io = load_io(layout);
-    let (enc, report) =
+    let (mut enc, report) =
         load_encoder(&dir, &Device::Cpu, &LoadOptions::default()).expect("load fixture model");
     assert!(report.initialised_fresh.is_empty(), "{report:?}");
     let input_ids = ids(&io, "input_ids").unwrap();
     let mask = ids(&io, "attention_mask").unwrap();
     let tt = ids(&io, "token_type_ids");
-    let out = enc
-        .forward(
-            &EncoderInput {
-                input_ids: &input_ids,
-                attention_mask: Some(&mask),
-                token_type_ids: tt.as_ref(),
-            },
-            ForwardOptions {
-                hidden_states: true,
-                attentions: true,
-            },
-            None,
-        )
-        .unwrap();
-    let n_hidden = io
-        .keys()
-        .filter(|k| k.starts_with("hidden_states."))
-        .count();
-    let n_attn = io.keys().filter(|k| k.starts_with("attentions.")).count();
-    assert_eq!(
-        out.hidden_states.len(),
-        n_hidden,
-        "{layout}: hidden state count"
-    );
-    assert_eq!(out.attentions.len(), n_attn, "{layout}: attention count");
-    for (i, h) in out.hidden_states.iter().enumerate() {
-        let d = max_abs_diff(h, &io[&format!("hidden_states.{i}")]);
-        assert!(d < 1e-4, "{layout}: hidden_states.{i} differs by {d}");
+    // The fused CPU kernels (attention fused only when the probabilities are not asked for)
+    // and candle's composed ops.
+    for (fused, attentions) in [(true, false), (true, true), (false, true)] {
+        enc.set_fused(fused);
+        let what = format!("{layout} (fused {fused}, attentions {attentions})");
+        let out = enc
+            .forward(
+                &EncoderInput {
+                    input_ids: &input_ids,
+                    attention_mask: Some(&mask),
+                    token_type_ids: tt.as_ref(),
+                },
+                ForwardOptions {
+                    hidden_states: true,
+                    attentions,
+                },
+                None,
+            )
+            .unwrap();
+        let n_hidden = io
+            .keys()
+            .filter(|k| k.starts_with("hidden_states."))
+            .count();
+        let n_attn = io.keys().filter(|k| k.starts_with("attentions.")).count();
+        assert_eq!(
+            out.hidden_states.len(),
+            n_hidden,
+            "{what}: hidden state count"
+        );
+        assert_eq!(
+            out.attentions.len(),
+            if attentions { n_attn } else { 0 },
+            "{what}: attention count"
+        );
+        for (i, h) in out.hidden_states.iter().enumerate() {
+            let d = max_abs_diff(h, &io[&format!("hidden_states.{i}")]);
+            assert!(d < 1e-4, "{what}: hidden_states.{i} differs by {d}");
+        }
+        for (i, a) in out.attentions.iter().enumerate() {
+            let d = max_abs_diff(a, &io[&format!("attentions.{i}")]);
+            assert!(d < 1e-4, "{what}: attentions.{i} differs by {d}");
+        }
+        let logits = enc.mlm_logits(&out.last_hidden_state).unwrap();
+        let d = max_abs_diff(&logits, &io["logits"]);
+        assert!(d < 1e-4, "{what}: logits differ by {d}");
     }
-    for (i, a) in out.attentions.iter().enumerate() {
-        let d = max_abs_diff(a, &io[&format!("attentions.{i}")]);
-        assert!(d < 1e-4, "{layout}: attentions.{i} differs by {d}");
-    }
-    let logits = enc.mlm_logits(&out.last_hidden_state).unwrap();
-    let d = max_abs_diff(&logits, &io["logits"]);
-    assert!(d < 1e-4, "{layout}: logits differ by {d}");
 }
 
-fn check_gradients(layout: &str) {
-    let dir = fixture_dir(layout);
-    let io = load_io(layout);
-    let (enc, _) = load_encoder(&dir, &Device::Cpu, &LoadOptions::default()).unwrap();
+fn check_gradients(layout_name: &str, fused: bool) {
+    let dir = fixture_dir(layout_name);
+    let io = load_io(layout_name);
+    let (mut enc, _) = load_encoder(&dir, &Device::Cpu, &LoadOptions::default()).unwrap();
+    enc.set_fused(fused);
+    let layout = format!("{layout_name} (fused {fused})");
     let input_ids = ids(&io, "input_ids").unwrap();
     let mask = ids(&io, "attention_mask").unwrap();
     let tt = ids(&io, "token_type_ids");
@@ -141,6 +153,7 @@ fn forward_matches_transformers() {
 #[test]
 fn gradients_match_pytorch() {
     for l in LAYOUTS {
-        check_gradients(l);
+        check_gradients(l, true);
+        check_gradients(l, false);
     }
 }

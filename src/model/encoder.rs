@@ -1,11 +1,14 @@
 //! The trainable encoder: embeddings, transformer layers, pooler and MLM head.
 
-use super::config::{EncoderConfig, Layout};
+use super::config::{Activation, EncoderConfig, Layout};
+use super::fused;
+use super::fused::dropout::Mask;
 use super::ops::{activate, dropout, softmax_last_dim, LayerNorm, Linear};
 use super::params::Params;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use rand_chacha::ChaCha8Rng;
+use std::sync::Arc;
 
 /// What to feed the encoder. Ids are `u32` tensors of shape `[batch, seq]`.
 pub struct EncoderInput<'a> {
@@ -69,6 +72,8 @@ pub struct Encoder {
     pooler: Option<Linear>,
     head: Option<MlmHead>,
     seq_relationship: Option<Linear>,
+    /// Use the fused kernels where they apply (f32 on the CPU); see [`fused`].
+    fused: bool,
 }
 
 impl Encoder {
@@ -151,7 +156,59 @@ impl Encoder {
             pooler,
             head,
             seq_relationship,
+            fused: true,
         })
+    }
+
+    /// Chooses between the fused CPU kernels (the default, used where they apply) and
+    /// candle's composed ops everywhere (what other devices and dtypes always get). Both
+    /// compute the same function and draw the same dropout masks from the same RNG state.
+    pub fn set_fused(&mut self, fused: bool) {
+        self.fused = fused;
+    }
+
+    fn use_fused(&self, x: &Tensor) -> bool {
+        self.fused && fused::enabled_for(x)
+    }
+
+    /// `dropout(act(x·Wᵀ + b))`, one fused node when it can be.
+    fn dense(
+        &self,
+        lin: &Linear,
+        x: &Tensor,
+        act: Option<Activation>,
+        p: f32,
+        rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        if let (true, Some(bias)) = (self.use_fused(x), &lin.bias) {
+            let (out, inp) = lin.weight.dims2()?;
+            let n = x.elem_count() / inp.max(1) * out;
+            let mask = match rng {
+                Some(r) if p > 0.0 => Some(Mask::draw(r, n, p)),
+                _ => None,
+            };
+            let keep = x.track_op() || lin.weight.track_op() || bias.track_op();
+            return fused::linear::linear(x, &lin.weight, bias, act, mask, keep);
+        }
+        let mut y = lin.forward(x)?;
+        if let Some(a) = act {
+            y = activate(&y, a)?;
+        }
+        dropout(&y, p, rng)
+    }
+
+    fn norm(&self, n: &LayerNorm, x: &Tensor) -> Result<Tensor> {
+        if self.use_fused(x) {
+            return fused::layer_norm::layer_norm(x, &n.weight, &n.bias, n.eps);
+        }
+        n.forward(x)
+    }
+
+    fn drop(&self, x: &Tensor, p: f32, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        match rng {
+            Some(r) if p > 0.0 && self.use_fused(x) => fused::dropout::dropout(x, p, r),
+            rng => dropout(x, p, rng),
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -204,11 +261,18 @@ impl Encoder {
             x = x.add(&tt.index_select(&tt_ids, 0)?)?;
         }
         let x = x.reshape((b, s, cfg.embedding_size))?;
-        let x = self.emb.norm.forward(&x)?;
-        let mut x = dropout(&x, cfg.hidden_dropout, rng.as_deref_mut())?;
+        let x = self.norm(&self.emb.norm, &x)?;
+        let mut x = self.drop(&x, cfg.hidden_dropout, rng.as_deref_mut())?;
         if let Some(p) = &self.emb.projection {
-            x = p.forward(&x)?;
+            x = self.dense(p, &x, None, 0.0, None)?;
         }
+        // The fused attention takes the padding mask as one flag a key.
+        let key_mask = match input.attention_mask {
+            Some(m) if self.use_fused(&x) && !opts.attentions => Some(Arc::new(
+                m.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()?,
+            )),
+            _ => None,
+        };
         // Additive mask [b, 1, 1, s]: 0 on tokens, the dtype's minimum on padding.
         let mask = match input.attention_mask {
             Some(m) => {
@@ -224,11 +288,17 @@ impl Encoder {
         }
         for layer in 0..cfg.num_layers {
             for k in cfg.blocks_for_layer(layer) {
-                let (y, probs) =
-                    self.block_forward(&self.blocks[k], &x, mask.as_ref(), rng.as_deref_mut())?;
+                let (y, probs) = self.block_forward(
+                    &self.blocks[k],
+                    &x,
+                    mask.as_ref(),
+                    key_mask.as_ref(),
+                    opts.attentions,
+                    rng.as_deref_mut(),
+                )?;
                 x = y;
-                if opts.attentions {
-                    attentions.push(probs);
+                if let Some(p) = probs {
+                    attentions.push(p);
                 }
             }
             if opts.hidden_states {
@@ -270,40 +340,61 @@ impl Encoder {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn block_forward(
         &self,
         blk: &Block,
         x: &Tensor,
         mask: Option<&Tensor>,
+        key_mask: Option<&Arc<Vec<u8>>>,
+        want_probs: bool,
         mut rng: Option<&mut ChaCha8Rng>,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let cfg = &self.cfg;
         let (b, s, h) = x.dims3()?;
         let (nh, hd) = (cfg.num_heads, cfg.head_dim());
-        let heads = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous()?)
+        let q = self.dense(&blk.query, x, None, 0.0, None)?;
+        let k = self.dense(&blk.key, x, None, 0.0, None)?;
+        let v = self.dense(&blk.value, x, None, 0.0, None)?;
+        let (ctx, probs) = if self.use_fused(x) && !want_probs {
+            let drop = match rng.as_deref_mut() {
+                Some(r) if cfg.attention_dropout > 0.0 => {
+                    Some(Mask::draw(r, b * nh * s * s, cfg.attention_dropout))
+                }
+                _ => None,
+            };
+            let keep = q.track_op() || k.track_op() || v.track_op();
+            let ctx = fused::attention::attention(&q, &k, &v, nh, key_mask.cloned(), drop, keep)?;
+            (ctx, None)
+        } else {
+            let heads = |t: Tensor| -> Result<Tensor> {
+                Ok(t.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous()?)
+            };
+            let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
+            let mut scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+            if let Some(m) = mask {
+                scores = scores.broadcast_add(m)?;
+            }
+            let probs = softmax_last_dim(&scores)?;
+            let probs_d = dropout(&probs, cfg.attention_dropout, rng.as_deref_mut())?;
+            let ctx = probs_d
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b, s, h))?;
+            (ctx, want_probs.then_some(probs))
         };
-        let q = heads(blk.query.forward(x)?)?;
-        let k = heads(blk.key.forward(x)?)?;
-        let v = heads(blk.value.forward(x)?)?;
-        let mut scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-        if let Some(m) = mask {
-            scores = scores.broadcast_add(m)?;
-        }
-        let probs = softmax_last_dim(&scores)?;
-        let probs_d = dropout(&probs, cfg.attention_dropout, rng.as_deref_mut())?;
-        let ctx = probs_d
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, s, h))?;
-        let a = blk.attn_out.forward(&ctx)?;
-        let a = dropout(&a, cfg.hidden_dropout, rng.as_deref_mut())?;
-        let a = blk.attn_norm.forward(&a.add(x)?)?;
-        let i = activate(&blk.intermediate.forward(&a)?, cfg.hidden_act)?;
-        let o = blk.output.forward(&i)?;
-        let o = dropout(&o, cfg.hidden_dropout, rng)?;
-        let o = blk.out_norm.forward(&o.add(&a)?)?;
+        let a = self.dense(
+            &blk.attn_out,
+            &ctx,
+            None,
+            cfg.hidden_dropout,
+            rng.as_deref_mut(),
+        )?;
+        let a = self.norm(&blk.attn_norm, &a.add(x)?)?;
+        let i = self.dense(&blk.intermediate, &a, Some(cfg.hidden_act), 0.0, None)?;
+        let o = self.dense(&blk.output, &i, None, cfg.hidden_dropout, rng)?;
+        let o = self.norm(&blk.out_norm, &o.add(&a)?)?;
         Ok((o, probs))
     }
 
@@ -313,14 +404,13 @@ impl Encoder {
             .head
             .as_ref()
             .context("this model has no masked-LM head")?;
-        let t = head.dense.forward(hidden)?;
-        let t = activate(&t, self.cfg.hidden_act)?;
-        let t = head.norm.forward(&t)?;
+        let t = self.dense(&head.dense, hidden, Some(self.cfg.hidden_act), 0.0, None)?;
+        let t = self.norm(&head.norm, &t)?;
         let dec = Linear {
             weight: head.decoder.clone(),
             bias: Some(head.bias.clone()),
         };
-        dec.forward(&t)
+        self.dense(&dec, &t, None, 0.0, None)
     }
 
     /// MLM logits `[n, vocab]` for only the rows `positions` (flat indices into

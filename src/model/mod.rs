@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod encoder;
+pub mod fused;
 pub mod hub;
 pub mod names;
 pub mod ops;

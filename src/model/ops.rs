@@ -6,9 +6,9 @@
 //! against PyTorch.
 
 use super::config::Activation;
+use super::fused::dropout::Mask;
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
-use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 /// A dense layer: `x · Wᵀ + b`, with `W` stored `[out, in]` as in PyTorch.
@@ -80,7 +80,8 @@ pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
     })
 }
 
-/// Inverted dropout with a mask drawn from `rng` (candle's CPU RNG cannot be seeded).
+/// Inverted dropout with a mask drawn from `rng` (candle's CPU RNG cannot be seeded). The
+/// mask is [`Mask::draw`]'s, the same the fused kernels draw from the same RNG state.
 /// With `rng == None` or `p == 0` the input is returned unchanged.
 pub fn dropout(x: &Tensor, p: f32, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
     let Some(rng) = rng else {
@@ -89,11 +90,8 @@ pub fn dropout(x: &Tensor, p: f32, rng: Option<&mut ChaCha8Rng>) -> Result<Tenso
     if p <= 0.0 {
         return Ok(x.clone());
     }
-    let scale = 1.0 / (1.0 - p);
-    let n = x.elem_count();
-    let mask: Vec<f32> = (0..n)
-        .map(|_| if rng.random::<f32>() < p { 0.0 } else { scale })
-        .collect();
+    let m = Mask::draw(rng, x.elem_count(), p);
+    let mask: Vec<f32> = (0..x.elem_count()).map(|i| m.factor(i)).collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     Ok(x.mul(&mask)?)
 }

@@ -1,0 +1,326 @@
+//! Multi-head self-attention, `softmax(Q·Kᵀ/√d + mask) · V` with dropout on the
+//! probabilities, as one graph node over `q`, `k`, `v` `[batch, seq, hidden]`.
+//!
+//! The heads are column blocks of the inputs and of the output: gemm reads and writes them
+//! with row stride `hidden`, so there is no reshape, transpose or copy into `[b, heads, s, d]`
+//! and back (each of which costs a full copy forward and again backward in candle's graph).
+//! The `batch × heads` small products run in parallel, one task each, rather than each being
+//! split across threads. The probabilities are kept for the backward (training only).
+
+use super::dropout::Mask;
+use super::gemm::{gemm, gemm_raw, Acc, Mat};
+use super::math::exp;
+use super::{cpu_out, cpu_slice, tensor, Read, SharedMut};
+use anyhow::Result;
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+struct AttentionOp {
+    heads: usize,
+    /// `[batch, seq]`, 1 for keys that may be attended to.
+    key_mask: Option<Arc<Vec<u8>>>,
+    /// Over `[batch, heads, seq, seq]`.
+    drop: Option<Mask>,
+    keep: bool,
+    probs: Mutex<Option<Vec<f32>>>,
+}
+
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    s: usize,
+    h: usize,
+    nh: usize,
+    d: usize,
+}
+
+impl Dims {
+    /// Head `hi` of batch row `bi` of a `[b, s, h]` tensor, as an `s × d` matrix.
+    fn head<'a>(&self, x: &'a [f32], bi: usize, hi: usize) -> Mat<'a> {
+        Mat {
+            data: &x[bi * self.s * self.h + hi * self.d..],
+            rows: self.s,
+            cols: self.d,
+            rs: self.h,
+            cs: 1,
+        }
+    }
+
+    fn offset(&self, bi: usize, hi: usize) -> usize {
+        bi * self.s * self.h + hi * self.d
+    }
+}
+
+impl AttentionOp {
+    fn dims(&self, l: &Layout) -> candle_core::Result<Dims> {
+        let (b, s, h) = l.shape().dims3()?;
+        if self.heads == 0 || h % self.heads != 0 {
+            return Err(candle_core::Error::Msg(format!(
+                "fused attention: hidden {h} is not a multiple of {} heads",
+                self.heads
+            )));
+        }
+        Ok(Dims {
+            b,
+            s,
+            h,
+            nh: self.heads,
+            d: h / self.heads,
+        })
+    }
+
+    /// Row-wise softmax of the scores of batch row `bi`, keys masked out get probability 0.
+    fn softmax(&self, p: &mut [f32], bi: usize, s: usize) {
+        let mask = self.key_mask.as_ref().map(|m| &m[bi * s..(bi + 1) * s]);
+        for row in p.chunks_exact_mut(s) {
+            let mut max = f32::NEG_INFINITY;
+            match mask {
+                Some(m) => {
+                    for (v, &k) in row.iter().zip(m) {
+                        if k != 0 && *v > max {
+                            max = *v;
+                        }
+                    }
+                }
+                None => max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+            }
+            if max == f32::NEG_INFINITY {
+                // No key may be attended to: uniform, as adding the same large negative
+                // number to every score does.
+                row.fill(1.0 / s as f32);
+                continue;
+            }
+            let mut sum = 0f32;
+            for v in row.iter_mut() {
+                *v = exp(*v - max);
+            }
+            if let Some(m) = mask {
+                for (v, &k) in row.iter_mut().zip(m) {
+                    if k == 0 {
+                        *v = 0.0;
+                    }
+                }
+            }
+            for v in row.iter() {
+                sum += v;
+            }
+            let inv = 1.0 / sum;
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
+        }
+    }
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dm = self.dims(ql)?;
+        if kl.shape() != ql.shape() || vl.shape() != ql.shape() {
+            return Err(candle_core::Error::Msg(
+                "fused attention: q, k and v must have the same shape".into(),
+            ));
+        }
+        let (q, k, v) = (
+            cpu_slice(qs, ql, self.name())?,
+            cpu_slice(ks, kl, self.name())?,
+            cpu_slice(vs, vl, self.name())?,
+        );
+        let Dims { b, s, h, nh, d } = dm;
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut out = vec![0f32; b * s * h];
+        let mut probs = vec![0f32; b * nh * s * s];
+        let outp = SharedMut::new(&mut out);
+        probs.par_chunks_mut(s * s).enumerate().for_each(|(t, p)| {
+            let (bi, hi) = (t / nh, t % nh);
+            gemm(
+                p,
+                s,
+                dm.head(q, bi, hi),
+                dm.head(k, bi, hi).t(),
+                Acc::Overwrite,
+                scale,
+                1,
+            );
+            self.softmax(p, bi, s);
+            let dropped;
+            let pd: &[f32] = match &self.drop {
+                Some(m) => {
+                    let mut x = p.to_vec();
+                    m.apply(&mut x, t * s * s);
+                    dropped = x;
+                    &dropped
+                }
+                None => p,
+            };
+            // Safety: task t writes only head hi's columns of batch row bi.
+            unsafe {
+                gemm_raw(
+                    outp.at(dm.offset(bi, hi)),
+                    h,
+                    s,
+                    d,
+                    Mat::rm(pd, s, s),
+                    dm.head(v, bi, hi),
+                    Acc::Overwrite,
+                    1.0,
+                    1,
+                )
+            }
+        });
+        if self.keep {
+            *self.probs.lock().unwrap() = Some(probs);
+        }
+        Ok((cpu_out(out), ql.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dm = self.dims(q.layout())?;
+        let Dims { b, s, h, nh, d } = dm;
+        let scale = 1.0 / (d as f32).sqrt();
+        let probs = self.probs.lock().unwrap();
+        let probs = probs.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg("fused attention: backward of an op run without keep".into())
+        })?;
+        let (qr, kr, vr, gr) = (
+            Read::new(q)?,
+            Read::new(k)?,
+            Read::new(v)?,
+            Read::new(grad)?,
+        );
+        let n = b * s * h;
+        let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        let (dqp, dkp, dvp) = (
+            SharedMut::new(&mut dq),
+            SharedMut::new(&mut dk),
+            SharedMut::new(&mut dv),
+        );
+        qr.with(|q| {
+            kr.with(|k| {
+                vr.with(|v| {
+                    gr.with(|go| {
+                        (0..b * nh).into_par_iter().for_each_init(
+                            || (vec![0f32; s * s], vec![0f32; s * s]),
+                            |(pd_buf, ds), t| {
+                                let (bi, hi) = (t / nh, t % nh);
+                                let off = dm.offset(bi, hi);
+                                let p = &probs[t * s * s..(t + 1) * s * s];
+                                let pd: &[f32] = match &self.drop {
+                                    Some(m) => {
+                                        pd_buf.copy_from_slice(p);
+                                        m.apply(pd_buf, t * s * s);
+                                        pd_buf
+                                    }
+                                    None => p,
+                                };
+                                let go_h = dm.head(go, bi, hi);
+                                // Safety: task t writes only head hi's columns of row bi.
+                                unsafe {
+                                    // dV = P_dᵀ · dO
+                                    gemm_raw(
+                                        dvp.at(off),
+                                        h,
+                                        s,
+                                        d,
+                                        Mat::rm(pd, s, s).t(),
+                                        go_h,
+                                        Acc::Overwrite,
+                                        1.0,
+                                        1,
+                                    );
+                                }
+                                // dP_d = dO · Vᵀ, then through the dropout mask.
+                                gemm(ds, s, go_h, dm.head(v, bi, hi).t(), Acc::Overwrite, 1.0, 1);
+                                if let Some(m) = &self.drop {
+                                    m.apply(ds, t * s * s);
+                                }
+                                // dS = P ∘ (dP − rowsum(dP ∘ P)) · scale
+                                for (dr, pr) in ds.chunks_exact_mut(s).zip(p.chunks_exact(s)) {
+                                    let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                                    for (x, &pv) in dr.iter_mut().zip(pr) {
+                                        *x = pv * (*x - dot) * scale;
+                                    }
+                                }
+                                unsafe {
+                                    // dQ = dS · K
+                                    gemm_raw(
+                                        dqp.at(off),
+                                        h,
+                                        s,
+                                        d,
+                                        Mat::rm(ds, s, s),
+                                        dm.head(k, bi, hi),
+                                        Acc::Overwrite,
+                                        1.0,
+                                        1,
+                                    );
+                                    // dK = dSᵀ · Q
+                                    gemm_raw(
+                                        dkp.at(off),
+                                        h,
+                                        s,
+                                        d,
+                                        Mat::rm(ds, s, s).t(),
+                                        dm.head(q, bi, hi),
+                                        Acc::Overwrite,
+                                        1.0,
+                                        1,
+                                    );
+                                }
+                            },
+                        )
+                    })
+                })
+            })
+        });
+        let shape = q.dims();
+        Ok((
+            Some(tensor(dq, shape)?),
+            Some(tensor(dk, shape)?),
+            Some(tensor(dv, shape)?),
+        ))
+    }
+}
+
+/// Attention over `q`, `k`, `v` `[batch, seq, hidden]` (f32, CPU) with `heads` heads.
+/// `key_mask` `[batch, seq]`: 1 where a key may be attended to (`None`: everywhere).
+/// `drop`: a mask over `[batch, heads, seq, seq]` for the probabilities.
+/// `keep`: the result will be differentiated.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    key_mask: Option<Arc<Vec<u8>>>,
+    drop: Option<Mask>,
+    keep: bool,
+) -> Result<Tensor> {
+    let op = AttentionOp {
+        heads,
+        key_mask,
+        drop,
+        keep,
+        probs: Mutex::new(None),
+    };
+    Ok(q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}

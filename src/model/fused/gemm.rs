@@ -1,0 +1,139 @@
+//! A checked, strided view of `gemm::gemm` (the crate candle's CPU matmul uses, with its
+//! AVX-512 kernels enabled in Cargo.toml) so kernels can multiply transposed operands and
+//! write into column blocks of a larger matrix without copies.
+
+use gemm::Parallelism;
+
+/// A matrix inside a slice: element `(i, j)` is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// Row-major `rows × cols`.
+    pub fn rm(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Mat {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose (a view: strides swapped).
+    pub fn t(self) -> Self {
+        Mat {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    fn check(&self) {
+        if self.rows > 0 && self.cols > 0 {
+            let last = (self.rows - 1) * self.rs + (self.cols - 1) * self.cs;
+            assert!(last < self.data.len(), "gemm operand out of bounds");
+        }
+    }
+}
+
+/// How the destination is combined: `dst = a·b · scale` or `dst += a·b · scale`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Acc {
+    Overwrite,
+    Add,
+}
+
+/// `dst (m × n, row stride dst_rs, column stride 1) = [dst +] scale · a · b`.
+///
+/// `threads > 1` lets gemm split the product over the rayon pool; kernels that already run
+/// many small products in parallel pass 1.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat, acc: Acc, scale: f32, threads: usize) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(k, b.rows, "gemm: inner dimensions differ");
+    a.check();
+    b.check();
+    if m > 0 && n > 0 {
+        assert!(
+            (m - 1) * dst_rs + n <= dst.len(),
+            "gemm destination out of bounds"
+        );
+    }
+    unsafe { gemm_raw(dst.as_mut_ptr(), dst_rs, m, n, a, b, acc, scale, threads) }
+}
+
+/// As [`gemm`] into a destination that parallel tasks share (each writes its own block).
+///
+/// # Safety
+/// `dst` must be valid for `(m - 1) * dst_rs + n` elements and no other task may write the
+/// same elements concurrently.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_raw(
+    dst: *mut f32,
+    dst_rs: usize,
+    m: usize,
+    n: usize,
+    a: Mat,
+    b: Mat,
+    acc: Acc,
+    scale: f32,
+    threads: usize,
+) {
+    let k = a.cols;
+    debug_assert_eq!(a.rows, m);
+    debug_assert_eq!(b.cols, n);
+    a.check();
+    b.check();
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if acc == Acc::Overwrite {
+            for i in 0..m {
+                std::slice::from_raw_parts_mut(dst.add(i * dst_rs), n).fill(0.0);
+            }
+        }
+        return;
+    }
+    let parallelism = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    // gemm computes dst = alpha·dst + beta·(lhs·rhs), reading dst only when asked to.
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        acc == Acc::Add,
+        a.data.as_ptr(),
+        a.cs as isize,
+        a.rs as isize,
+        b.data.as_ptr(),
+        b.cs as isize,
+        b.rs as isize,
+        1.0,
+        scale,
+        false,
+        false,
+        false,
+        parallelism,
+    )
+}
+
+/// The thread count candle's own matmuls use.
+pub fn threads() -> usize {
+    candle_core::utils::get_num_threads()
+}

@@ -1,0 +1,173 @@
+//! `dropout(act(x · Wᵀ + b))` as one graph node.
+//!
+//! Forward: the bias is written into the output rows and gemm accumulates `x · Wᵀ` onto it
+//! (Wᵀ is a stride swap, not a copy), then one pass applies the activation and the dropout
+//! mask. Backward: one pass forms `g' = g · mask · act'(pre)`, then `dx = g' · W`,
+//! `dW = g'ᵀ · x` (again strides only) and `db = Σ_rows g'`.
+
+use super::dropout::Mask;
+use super::gemm::{gemm, threads, Acc, Mat};
+use super::math::{act_grad, act_slice};
+use super::{column_sums, cpu_out, cpu_slice, rows_per_chunk, tensor, Read};
+use crate::model::config::Activation;
+use anyhow::Result;
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+struct LinearOp {
+    act: Option<Activation>,
+    mask: Option<Mask>,
+    /// Keep the pre-activation for the backward (training only).
+    keep: bool,
+    pre: Mutex<Option<Vec<f32>>>,
+}
+
+impl LinearOp {
+    fn dims(&self, x: &Layout, w: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+        let (out, inp) = w.shape().dims2()?;
+        let xd = x.shape().dims();
+        let last = *xd.last().unwrap_or(&0);
+        if last != inp {
+            return Err(candle_core::Error::Msg(format!(
+                "fused linear: input width {last} but weight is [{out}, {inp}]"
+            )));
+        }
+        Ok((x.shape().elem_count() / inp.max(1), inp, out))
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, inp, out) = self.dims(xl, wl)?;
+        let x = cpu_slice(xs, xl, self.name())?;
+        let w = cpu_slice(ws, wl, self.name())?;
+        let b = cpu_slice(bs, bl, self.name())?;
+        let mut y = vec![0f32; rows * out];
+        let per = rows_per_chunk(rows);
+        y.par_chunks_mut(per * out).for_each(|c| {
+            for row in c.chunks_exact_mut(out) {
+                row.copy_from_slice(b);
+            }
+        });
+        gemm(
+            &mut y,
+            out,
+            Mat::rm(x, rows, inp),
+            Mat::rm(w, out, inp).t(),
+            Acc::Add,
+            1.0,
+            threads(),
+        );
+        if let Some(a) = self.act {
+            if self.keep {
+                *self.pre.lock().unwrap() = Some(y.clone());
+            }
+            y.par_chunks_mut(per * out).for_each(|c| act_slice(a, c));
+        }
+        if let Some(m) = &self.mask {
+            y.par_chunks_mut(per * out)
+                .enumerate()
+                .for_each(|(i, c)| m.apply(c, i * per * out));
+        }
+        let mut dims = xl.shape().dims().to_vec();
+        *dims.last_mut().unwrap() = out;
+        Ok((cpu_out(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (rows, inp, out) = self.dims(x.layout(), w.layout())?;
+        let g = Read::new(grad)?;
+        let mut gp = g.with(|g| g.to_vec());
+        let per = rows_per_chunk(rows);
+        if let Some(a) = self.act {
+            let pre = self.pre.lock().unwrap();
+            let pre = pre.as_ref().ok_or_else(|| {
+                candle_core::Error::Msg("fused linear: backward of an op run without keep".into())
+            })?;
+            gp.par_chunks_mut(per * out)
+                .zip(pre.par_chunks(per * out))
+                .for_each(|(g, p)| {
+                    for (g, &p) in g.iter_mut().zip(p) {
+                        *g *= act_grad(a, p);
+                    }
+                });
+        }
+        if let Some(m) = &self.mask {
+            gp.par_chunks_mut(per * out)
+                .enumerate()
+                .for_each(|(i, c)| m.apply(c, i * per * out));
+        }
+        let xr = Read::new(x)?;
+        let wr = Read::new(w)?;
+        let mut dx = vec![0f32; rows * inp];
+        let mut dw = vec![0f32; out * inp];
+        wr.with(|w| {
+            gemm(
+                &mut dx,
+                inp,
+                Mat::rm(&gp, rows, out),
+                Mat::rm(w, out, inp),
+                Acc::Overwrite,
+                1.0,
+                threads(),
+            )
+        });
+        xr.with(|x| {
+            gemm(
+                &mut dw,
+                inp,
+                Mat::rm(&gp, rows, out).t(),
+                Mat::rm(x, rows, inp),
+                Acc::Overwrite,
+                1.0,
+                threads(),
+            )
+        });
+        let db = column_sums(&gp, out);
+        Ok((
+            Some(tensor(dx, x.dims())?),
+            Some(tensor(dw, w.dims())?),
+            Some(tensor(db, &[out])?),
+        ))
+    }
+}
+
+/// `dropout(act(x · Wᵀ + b))` for `x` `[.., in]`, `W` `[out, in]`, `b` `[out]` (f32, CPU).
+/// `keep`: the result will be differentiated (the pre-activation is then kept).
+pub fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    act: Option<Activation>,
+    mask: Option<Mask>,
+    keep: bool,
+) -> Result<Tensor> {
+    let op = LinearOp {
+        act,
+        mask,
+        keep,
+        pre: Mutex::new(None),
+    };
+    Ok(x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, op)?)
+}

@@ -1,0 +1,182 @@
+//! The fused CPU kernels (src/model/fused) against candle's composed ops, in training mode:
+//! with dropout on, the same RNG state gives both paths the same masks, so the loss and every
+//! parameter's gradient must agree. Plus the accuracy of the vectorisable exp / erf / tanh
+//! and the activation derivatives the kernels use.
+
+use candle_core::{Device, Tensor};
+use distil::loss::{cross_entropy, masked_positions};
+use distil::model::fused::math;
+use distil::model::{Activation, Encoder, EncoderConfig, EncoderInput, ForwardOptions, Layout};
+use distil::model::{Params, Parts};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+#[test]
+fn exp_erf_tanh_are_accurate() {
+    let mut worst = (0f64, 0f64, 0f64);
+    let n = 200_000;
+    for i in 0..=n {
+        let x = -87.0 + 175.0 * i as f32 / n as f32;
+        let e = (x as f64).exp();
+        worst.0 = worst.0.max(((math::exp(x) as f64) - e).abs() / e);
+    }
+    for i in 0..=n {
+        let x = -6.0 + 12.0 * i as f32 / n as f32;
+        worst.1 = worst
+            .1
+            .max((math::erf(x) as f64 - libm::erf(x as f64)).abs());
+        worst.2 = worst
+            .2
+            .max((math::tanh(x) as f64 - (x as f64).tanh()).abs());
+    }
+    println!(
+        "exp rel {:.2e}, erf abs {:.2e}, tanh abs {:.2e}",
+        worst.0, worst.1, worst.2
+    );
+    assert!(worst.0 < 5e-7, "exp relative error {}", worst.0);
+    assert!(worst.1 < 1e-6, "erf absolute error {}", worst.1);
+    assert!(worst.2 < 1e-6, "tanh absolute error {}", worst.2);
+    assert!(math::exp(-200.0) < 1.1e-38);
+    assert!(math::exp(-87.0) > 0.0);
+}
+
+#[test]
+fn activation_derivatives_match_finite_differences() {
+    for a in [Activation::GeluErf, Activation::GeluTanh, Activation::Relu] {
+        for i in 0..=400 {
+            let x = -5.0 + 10.0 * i as f64 / 400.0 + 1e-3;
+            let f = |x: f64| -> f64 {
+                match a {
+                    Activation::GeluErf => 0.5 * x * (1.0 + libm::erf(x / 2f64.sqrt())),
+                    Activation::GeluTanh => {
+                        0.5 * x
+                            * (1.0
+                                + ((2.0 / std::f64::consts::PI).sqrt()
+                                    * (x + 0.044715 * x * x * x))
+                                    .tanh())
+                    }
+                    Activation::Relu => x.max(0.0),
+                }
+            };
+            let h = 1e-5;
+            let numeric = (f(x + h) - f(x - h)) / (2.0 * h);
+            let got = math::act_grad(a, x as f32) as f64;
+            assert!(
+                (got - numeric).abs() < 2e-6,
+                "{a:?}'({x}) = {got}, finite difference {numeric}"
+            );
+            assert!(
+                (math::act(a, x as f32) as f64 - f(x)).abs() < 2e-6,
+                "{a:?}({x})"
+            );
+        }
+    }
+}
+
+/// Loss and gradients of a small random model, one training step's forward and backward.
+fn step(cfg: &EncoderConfig, fused: bool) -> (f32, Vec<(String, Tensor)>) {
+    let params = Params::random(cfg, Parts::MLM, 11, &Device::Cpu, true).unwrap();
+    let mut enc = Encoder::new(cfg.clone(), params).unwrap();
+    enc.set_fused(fused);
+    let ids = Tensor::new(
+        &[
+            [2u32, 17, 33, 4, 41, 9, 12, 3, 0, 0, 0],
+            [2, 5, 6, 7, 8, 9, 10, 11, 12, 13, 3],
+            [2, 44, 3, 0, 0, 0, 0, 0, 0, 0, 0],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mask = ids
+        .ne(0u32)
+        .unwrap()
+        .to_dtype(candle_core::DType::U32)
+        .unwrap();
+    let mut labels = vec![-100i64; 33];
+    for (i, t) in [(1, 17), (4, 41), (13, 6), (17, 10), (21, 3), (23, 44)] {
+        labels[i] = t;
+    }
+    let targets = masked_positions(&labels, &Device::Cpu).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let out = enc
+        .forward(
+            &EncoderInput {
+                input_ids: &ids,
+                attention_mask: Some(&mask),
+                token_type_ids: None,
+            },
+            ForwardOptions::default(),
+            Some(&mut rng),
+        )
+        .unwrap();
+    let logits = enc
+        .mlm_logits_at(&out.last_hidden_state, &targets.positions)
+        .unwrap();
+    let loss = cross_entropy(&logits, &targets.targets).unwrap();
+    let grads = loss.backward().unwrap();
+    let g = enc
+        .params
+        .vars()
+        .iter()
+        .map(|(n, v)| {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{n} got no gradient (fused {fused})"));
+            (n.clone(), g.clone())
+        })
+        .collect();
+    (loss.to_scalar::<f32>().unwrap(), g)
+}
+
+#[test]
+fn fused_kernels_match_composed_ops_in_training_mode() {
+    let mut cases = Vec::new();
+    for act in [Activation::GeluErf, Activation::GeluTanh, Activation::Relu] {
+        let mut cfg = EncoderConfig::bert(50, 32, 2, 4, 64);
+        cfg.hidden_act = act;
+        cfg.hidden_dropout = 0.2;
+        cfg.attention_dropout = 0.3;
+        cases.push(cfg);
+    }
+    let mut albert = EncoderConfig::bert(50, 32, 3, 4, 64);
+    albert.layout = Layout::Albert;
+    albert.shared_layers = true;
+    albert.embedding_size = 16;
+    cases.push(albert);
+    for cfg in &cases {
+        let (lf, gf) = step(cfg, true);
+        let (lc, gc) = step(cfg, false);
+        let what = format!("{:?} {:?}", cfg.layout, cfg.hidden_act);
+        assert!(
+            (lf - lc).abs() < 1e-5,
+            "{what}: loss {lf} fused vs {lc} composed"
+        );
+        for ((name, a), (_, b)) in gf.iter().zip(&gc) {
+            let scale = b
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            if name.ends_with("attention.self.key.bias") {
+                // Its true gradient is 0 (softmax ignores a shift); both give float noise.
+                assert!(d < 1e-6, "{what}: {name}: {d}");
+                continue;
+            }
+            assert!(scale > 0.0, "{what}: {name} has an all-zero gradient");
+            assert!(
+                d / scale < 1e-4,
+                "{what}: gradient of {name} differs by {d} (max {scale})"
+            );
+        }
+    }
+}
