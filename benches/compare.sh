@@ -2,19 +2,24 @@
 # distil's step (benches/encoder_step.rs) beside PyTorch's (benches/torch_step.py) on the same
 # shape, batch and thread count, alternating, then a table.
 #
-#   benches/compare.sh [small|base] [forward|train] [threads] [-- more flags for both sides]
+#   benches/compare.sh [small|base] [forward|train|distill] [threads] [-- more flags for both sides]
 #
 #   benches/compare.sh small train 2
 #   ITERS=3 WARMUP=1 benches/compare.sh base forward 2
+#   benches/compare.sh small distill 2
 #
 # Builds the Rust bench once (release), then runs ROUNDS rounds; each round runs both sides
 # once, ours first in odd rounds and PyTorch first in even ones, so drift in the machine's
 # load hits both alike. Each run times WARMUP + ITERS steps and reports the median step.
 # train mode: dropout 0.1, MLM head on the masked rows only (--head-on masked) on both sides,
 # and the AdamW step on both (OPTIM=0 passes --no-optim to both).
+# distill mode: one distillation step (issue 6): frozen teacher forward (the shape, eval mode)
+# + DistilBERT-style student (small: 2 layers, base: 6) forward, 5 soft (T = 2) + 2 MLM
+# + 1 cosine loss, backward, AdamW (OPTIM=0 leaves it out); the same batch on both sides.
 #
 # Environment:
-#   ROUNDS (3)  ITERS, WARMUP (small: 10, 2; base: 3, 1)  BATCH (8)  SEQ (128)  OPTIM (1)
+#   ROUNDS (3)  ITERS, WARMUP (small: 10, 2; base: 3, 1)  SEQ (128)  OPTIM (1)
+#   BATCH   (8; small distill: 16)
 #   PYTHON  interpreter with torch + transformers (default: ../venv/bin/python,
 #           ./venv/bin/python, then python3)
 #   OUT     where the JSON lines go (default: target/bench-compare/SHAPE-MODE-THREADS[-no-optim])
@@ -29,14 +34,18 @@ if [[ ${1:-} == -- ]]; then shift; fi
 extra=("$@")
 
 case $shape in small | base) ;; *) echo "shape must be small or base, not '$shape'" >&2; exit 2 ;; esac
-case $mode in forward | train) ;; *) echo "mode must be forward or train, not '$mode'" >&2; exit 2 ;; esac
+case $mode in
+    forward | train | distill) ;;
+    *) echo "mode must be forward, train or distill, not '$mode'" >&2; exit 2 ;;
+esac
 [[ $threads =~ ^[1-9][0-9]*$ ]] || { echo "threads must be a positive integer, not '$threads'" >&2; exit 2; }
 
 if [[ $shape == base ]]; then def_iters=3 def_warmup=1; else def_iters=10 def_warmup=2; fi
 rounds=${ROUNDS:-3}
 iters=${ITERS:-$def_iters}
 warmup=${WARMUP:-$def_warmup}
-batch=${BATCH:-8}
+if [[ $mode == distill && $shape == small ]]; then def_batch=16; else def_batch=8; fi
+batch=${BATCH:-$def_batch}
 seq=${SEQ:-128}
 optim=${OPTIM:-1}
 
@@ -51,7 +60,7 @@ if ! "$PYTHON" -c 'import torch, transformers' 2>/dev/null; then
 fi
 
 suffix=""
-if [[ $mode == train && $optim == 0 ]]; then suffix=-no-optim; fi
+if [[ $mode != forward && $optim == 0 ]]; then suffix=-no-optim; fi
 out=${OUT:-target/bench-compare/$shape-$mode-$threads$suffix}
 mkdir -p "$out"
 rm -f "$out"/{distil,pytorch}.{jsonl,others}
@@ -75,10 +84,8 @@ if [[ -z $exe || ! -x $exe ]]; then
 fi
 
 common=(--shape "$shape" --mode "$mode" --batch "$batch" --seq "$seq" --iters "$iters" --warmup "$warmup" --threads "$threads")
-if [[ $mode == train ]]; then
-    common+=(--head-on masked)
-    if [[ $optim == 0 ]]; then common+=(--no-optim); fi
-fi
+if [[ $mode == train ]]; then common+=(--head-on masked); fi
+if [[ $mode != forward && $optim == 0 ]]; then common+=(--no-optim); fi
 export RAYON_NUM_THREADS=$threads OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
 
 # CPU time the whole machine spent busy, and what our runs (this shell's children) used, in
@@ -122,8 +129,12 @@ peaks = {f: med(rs, "peak_gflops") for f, rs in runs.items()}
 machine_peak = max(v for v in peaks.values() if v)
 
 what = f"{first['shape']} {first['mode']}, batch {first['batch']} x seq {first['seq']}, {first['threads']} threads"
-if first["mode"] == "train":
+distill = first["mode"] == "distill"
+if first["mode"] != "forward":
     opt = "AdamW on both sides" if first.get("optimizer") else "no optimiser step on either side"
+    if distill:
+        what += (f": {first['teacher_layers']}-layer teacher (eval, no grad) -> {first['student_layers']}-layer "
+                 f"student, loss {first['loss']} (T {first['temperature']:g})")
     what += f", dropout {first['dropout']}, MLM head on {first['head_on']} rows, {opt}"
 print(f"\n{what}")
 print(f"{len(d)} rounds alternating, {first['iters']} timed steps + {first['warmup']} warm-up per run; "
@@ -153,9 +164,15 @@ if quiet and len(quiet) < len(pairs):
 print(f"fp32 matmul peak ({first.get('peak_size', 2048)}^3, best of a few, median over rounds): "
       f"candle {peaks['distil']:.1f} GFLOP/s, torch {peaks['pytorch']:.1f} GFLOP/s; "
       f"% peak is against the higher, {machine_peak:.1f} GFLOP/s")
-print(f"matmul work per step: {first['matmul_flops'] / 1e9:.1f} GFLOP (2mnk per matmul, x3 with backward; "
-      "the optimiser not counted)")
-parts = [("encoder", "encoder_s"), ("head+loss", "head_s"), ("backward", "backward_s"), ("optimiser", "optim_s")]
+if distill:
+    print(f"matmul work per step: {first['matmul_flops'] / 1e9:.1f} GFLOP (2mnk per matmul: teacher forward "
+          f"{first['teacher_matmul_flops'] / 1e9:.1f} + student forward x3 with backward; the optimiser not counted)")
+    parts = [("teacher", "teacher_s"), ("student fwd", "encoder_s"), ("head+losses", "head_s"),
+             ("backward", "backward_s"), ("optimiser", "optim_s")]
+else:
+    print(f"matmul work per step: {first['matmul_flops'] / 1e9:.1f} GFLOP (2mnk per matmul, x3 with backward; "
+          "the optimiser not counted)")
+    parts = [("encoder", "encoder_s"), ("head+loss", "head_s"), ("backward", "backward_s"), ("optimiser", "optim_s")]
 cells = [(label, med(d, k), med(p, k)) for label, k in parts if med(d, k) is not None or med(p, k) is not None]
 fmt = lambda x: "-" if x is None else f"{x:.3f}"
 print("median seconds per part:  " + "   ".join(f"{label} {fmt(a)} vs {fmt(b)}" for label, a, b in cells)

@@ -1,8 +1,10 @@
-//! Timing of one BERT masked-LM step in distil, to set beside `benches/torch_step.py`.
+//! Timing of one BERT masked-LM step (or one distillation step) in distil, to set beside
+//! `benches/torch_step.py`.
 //!
 //! ```text
 //! cargo bench --bench encoder_step -- --shape small --mode train --threads 2
 //! cargo bench --bench encoder_step -- --shape base --mode forward --iters 3 --warmup 1
+//! cargo bench --bench encoder_step -- --shape small --mode distill --threads 2
 //! benches/compare.sh small train 2      # ours and PyTorch's, alternating, with a table
 //! ```
 //!
@@ -20,12 +22,26 @@
 //! never includes the optimiser. `--head-on masked` (the default here) runs the MLM head
 //! only on the masked rows; `--head-on all` runs it on every position and then picks the
 //! masked rows, as Hugging Face does.
+//! `--mode distill`: one DistilBERT-style distillation step (issue 6). The teacher is the
+//! shape above, frozen (parameters not trainable, eval mode, no gradient tracking); the
+//! student is a DistilBERT-layout copy of it with `--student-layers` layers (small: 2,
+//! base: 6) taken from the teacher by `distil::model::student::init_from_teacher`, dropout
+//! `--dropout`. Both see the same masked batch; both run the MLM head on the masked rows
+//! only. Loss, as `recipes/distilbert.yaml` and `DistillObjective`: 5 · soft KL·T² (T = 2,
+//! masked rows) + 2 · MLM cross-entropy + 1 · cosine of the last hidden states over the
+//! non-padding tokens, from `distil::loss`; then backward and the in-place AdamW on the
+//! student. Parts: `teacher_s` (teacher encoder + head + its softmax at T), `encoder_s`
+//! (student encoder), `head_s` (student head + the three losses), `backward_s`, `optim_s`.
+//! Batch 16 × 128 for small and 8 × 128 for base unless `--batch`/`--seq` say otherwise.
+//! The ids and masked positions come from a splitmix64 stream that torch_step.py
+//! reproduces, so both sides see the very same batch (`--mode forward|train` draw theirs
+//! separately on each side). `matmul_flops` is the teacher's forward plus 3 × the student's.
 //!
 //! Each of `--warmup + --iters` steps is timed on its own (the step's tensors and gradients
 //! are dropped inside the timed region, as PyTorch frees them inside its step); the median
 //! of the timed steps is reported, with the medians of its parts (`encoder_s`; `head_s`:
-//! MLM head + loss; `backward_s`; `optim_s`). One JSON line, as torch_step.py prints:
-//! `tokens_per_s = batch * seq / median_s`; `peak_rss_mb` is the process's VmHWM (read
+//! MLM head + loss; `backward_s`; `optim_s`; in distill mode also `teacher_s`). One JSON
+//! line, as torch_step.py prints: `tokens_per_s = batch * seq / median_s`; `peak_rss_mb` is the process's VmHWM (read
 //! before the matmul peak is measured); `matmul_flops` counts the matmuls the step really
 //! does (2·m·n·k each, ×3 with the backward), `gflops` is that over `median_s`, and
 //! `peak_gflops` is the best of a few `--peak-size`³ fp32 candle matmuls on the same
@@ -37,8 +53,9 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, ValueEnum};
-use distil::loss::{cross_entropy, masked_positions};
-use distil::model::{Encoder, EncoderConfig, EncoderInput, ForwardOptions, Params, Parts};
+use distil::loss::{cosine_loss, cross_entropy, masked_positions, soft_kl, teacher_probs};
+use distil::model::student::init_from_teacher;
+use distil::model::{Encoder, EncoderConfig, EncoderInput, ForwardOptions, Layout, Params, Parts};
 use distil::train::optim::{AdamW, AdamWConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -56,6 +73,7 @@ enum Shape {
 enum Mode {
     Forward,
     Train,
+    Distill,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -69,8 +87,9 @@ enum HeadOn {
 struct Args {
     #[arg(long, value_enum, default_value = "small")]
     shape: Shape,
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
+    /// Sequences per batch (default: 16 for small distill, 8 otherwise).
+    #[arg(long)]
+    batch: Option<usize>,
     #[arg(long, default_value_t = 128)]
     seq: usize,
     #[arg(long, default_value_t = 10)]
@@ -82,13 +101,16 @@ struct Args {
     threads: Option<usize>,
     #[arg(long, value_enum, default_value = "train")]
     mode: Mode,
-    /// Hidden and attention dropout in train mode.
+    /// Distill mode: the student's layers (default: small 2, base 6).
+    #[arg(long)]
+    student_layers: Option<usize>,
+    /// Hidden and attention dropout in train mode (the student's in distill mode).
     #[arg(long, default_value_t = 0.1)]
     dropout: f32,
     /// Train mode: the MLM head on all positions or only the masked ones.
     #[arg(long, value_enum, default_value = "masked")]
     head_on: HeadOn,
-    /// Train mode: leave out the AdamW step (as torch_step.py --no-optim).
+    /// Train and distill modes: leave out the AdamW step (as torch_step.py --no-optim).
     #[arg(long)]
     no_optim: bool,
     /// AdamW learning rate (weight decay 0.01, as torch_step.py).
@@ -108,6 +130,36 @@ fn dims(shape: Shape) -> (usize, usize, usize, usize, usize) {
         Shape::Small => (4, 256, 4, 1024, 8000),
         Shape::Base => (12, 768, 12, 3072, 30522),
     }
+}
+
+/// Distill mode's temperature and loss weights (soft, hard, cosine), as recipes/distilbert.yaml
+/// and torch_step.py.
+const TEMPERATURE: f64 = 2.0;
+const W_SOFT: f64 = 5.0;
+const W_HARD: f64 = 2.0;
+const W_COSINE: f64 = 1.0;
+
+/// Distill mode's batch: `tokens` ids in `low..vocab` and `n_masked` distinct masked
+/// positions (sorted), from one splitmix64 stream (seed 0). torch_step.py's `shared_batch`
+/// computes the same, so both sides see the same batch.
+fn shared_batch(tokens: usize, vocab: u64, low: u64, n_masked: usize) -> (Vec<u32>, Vec<usize>) {
+    let mut state = 0u64;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let ids = (0..tokens)
+        .map(|_| (low + next() % (vocab - low)) as u32)
+        .collect();
+    // The masked positions: the n_masked smallest of one draw per position (ties by position).
+    let mut keyed: Vec<(u64, usize)> = (0..tokens).map(|p| (next(), p)).collect();
+    keyed.sort_unstable();
+    let mut masked: Vec<usize> = keyed[..n_masked].iter().map(|&(_, p)| p).collect();
+    masked.sort_unstable();
+    (ids, masked)
 }
 
 /// Matmul FLOPs of one forward pass: every transformer layer over `batch * seq` tokens,
@@ -176,6 +228,7 @@ fn matmul_peak(n: usize, dev: &Device) -> Result<f64> {
 #[derive(Default, Clone, Copy)]
 struct StepTimes {
     total: f64,
+    teacher: f64,
     encoder: f64,
     head: f64,
     backward: f64,
@@ -196,29 +249,68 @@ fn main() -> Result<()> {
     }
     let dev = Device::Cpu;
     let (layers, hidden, heads, ffn, vocab) = dims(args.shape);
-    let train = args.mode == Mode::Train;
+    let distill = args.mode == Mode::Distill;
+    // Train and distill modes: dropout, a loss, backward and (unless --no-optim) AdamW.
+    let train = args.mode != Mode::Forward;
     let p_drop = if train { args.dropout } else { 0.0 };
+    let b = args.batch.unwrap_or(match (args.mode, args.shape) {
+        (Mode::Distill, Shape::Small) => 16,
+        _ => 8,
+    });
+    let s = args.seq;
     let mut cfg = EncoderConfig::bert(vocab, hidden, layers, heads, ffn);
-    cfg.max_position_embeddings = cfg.max_position_embeddings.max(args.seq);
+    cfg.max_position_embeddings = cfg.max_position_embeddings.max(s);
     cfg.hidden_dropout = p_drop;
     cfg.attention_dropout = p_drop;
-    let params = Params::random(&cfg, Parts::MLM, 0, &dev, train)?;
-    let num_params = params.num_parameters();
-    let enc = Encoder::new(cfg.clone(), params)?;
+    // Distill mode: a frozen teacher of the shape, and a DistilBERT-style student built from
+    // it as `distil run` builds one (distill::run::build_student): the teacher's config with
+    // the DistilBERT layout, no token types and fewer layers, its weights copied from
+    // teacher layers spread evenly over the stack (default_layer_map).
+    let (teacher, enc) = if distill {
+        let mut tcfg = cfg.clone();
+        tcfg.hidden_dropout = 0.0;
+        tcfg.attention_dropout = 0.0;
+        let tparams = Params::random(&tcfg, Parts::MLM, 0, &dev, false)?;
+        let teacher = Encoder::new(tcfg, tparams)?;
+        let student_layers = args.student_layers.unwrap_or(match args.shape {
+            Shape::Small => 2,
+            Shape::Base => 6,
+        });
+        if student_layers == 0 || student_layers > layers {
+            bail!("--student-layers must be 1 to {layers}");
+        }
+        let mut scfg = cfg.clone();
+        scfg.layout = Layout::DistilBert;
+        scfg.num_layers = student_layers;
+        scfg.type_vocab_size = 0;
+        let sparams = init_from_teacher(&teacher, &scfg, None, 0)?;
+        (Some(teacher), Encoder::new(scfg, sparams)?)
+    } else {
+        let params = Params::random(&cfg, Parts::MLM, 0, &dev, train)?;
+        (None, Encoder::new(cfg.clone(), params)?)
+    };
+    let num_params = enc.params.num_parameters();
 
-    // Fixed inputs (seed 0): random ids, an all-ones attention mask, and exactly 15% of the
-    // positions masked (replaced by [MASK] = 103) with their original ids as labels.
-    let (b, s) = (args.batch, args.seq);
+    // Fixed inputs: random ids, an all-ones attention mask, and exactly 15% of the positions
+    // masked (replaced by [MASK] = 103) with their original ids as labels. Forward and train
+    // modes draw them from ChaCha8 (seed 0); distill mode from `shared_batch`, as
+    // torch_step.py does.
     let tokens = b * s;
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
     let low = if vocab > 2000 { 1000 } else { 5 };
-    let ids: Vec<u32> = (0..tokens)
-        .map(|_| rng.random_range(low..vocab as u32))
-        .collect();
     let n_masked = ((tokens as f64 * 0.15).round() as usize).max(1);
+    let (ids, masked) = if distill {
+        shared_batch(tokens, vocab as u64, low as u64, n_masked)
+    } else {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let ids: Vec<u32> = (0..tokens)
+            .map(|_| rng.random_range(low..vocab as u32))
+            .collect();
+        let masked = rand::seq::index::sample(&mut rng, tokens, n_masked).into_vec();
+        (ids, masked)
+    };
     let mut labels = vec![-100i64; tokens];
     let mut train_ids = ids.clone();
-    for p in rand::seq::index::sample(&mut rng, tokens, n_masked) {
+    for p in masked {
         labels[p] = ids[p] as i64;
         train_ids[p] = 103;
     }
@@ -242,6 +334,8 @@ fn main() -> Result<()> {
     };
 
     let mut last_loss = f32::NAN;
+    // Distill mode: the last step's soft, hard and cosine losses (unweighted).
+    let mut last_parts = [f32::NAN; 3];
     let mut step = || -> Result<StepTimes> {
         let t0 = Instant::now();
         if !train {
@@ -253,22 +347,55 @@ fn main() -> Result<()> {
             let t3 = Instant::now();
             return Ok(StepTimes {
                 total: (t3 - t0).as_secs_f64(),
+                teacher: 0.0,
                 encoder: (t1 - t0).as_secs_f64(),
                 head: (t2 - t1).as_secs_f64(),
                 backward: 0.0,
                 optim: 0.0,
             });
         }
+        // Distill mode: the teacher's last hidden states and its distribution at T over the
+        // masked rows, nothing tracked (frozen parameters, eval mode).
+        let teacher_out = match &teacher {
+            Some(t) => {
+                let out = t.forward(&input, ForwardOptions::default(), None)?;
+                let logits = t.mlm_logits_at(&out.last_hidden_state, &targets.positions)?;
+                let probs = teacher_probs(&logits, TEMPERATURE)?;
+                Some((out.last_hidden_state, probs))
+            }
+            None => None,
+        };
+        let tt = Instant::now();
         let out = enc.forward(&input, ForwardOptions::default(), Some(&mut dropout_rng))?;
         let t1 = Instant::now();
-        let logits = match args.head_on {
-            HeadOn::Masked => enc.mlm_logits_at(&out.last_hidden_state, &targets.positions)?,
-            HeadOn::All => enc
-                .mlm_logits(&out.last_hidden_state)?
-                .reshape((tokens, vocab))?
-                .index_select(&targets.positions, 0)?,
+        let (logits, loss) = match &teacher_out {
+            Some((t_last, t_probs)) => {
+                let logits = enc.mlm_logits_at(&out.last_hidden_state, &targets.positions)?;
+                let soft = soft_kl(&logits, t_probs, TEMPERATURE)?;
+                let hard = cross_entropy(&logits, &targets.targets)?;
+                let cos = cosine_loss(&out.last_hidden_state, t_last, &attention_mask)?;
+                let loss = (((&soft * W_SOFT)? + (&hard * W_HARD)?)? + (&cos * W_COSINE)?)?;
+                last_parts = [
+                    soft.to_scalar::<f32>()?,
+                    hard.to_scalar::<f32>()?,
+                    cos.to_scalar::<f32>()?,
+                ];
+                (logits, loss)
+            }
+            None => {
+                let logits = match args.head_on {
+                    HeadOn::Masked => {
+                        enc.mlm_logits_at(&out.last_hidden_state, &targets.positions)?
+                    }
+                    HeadOn::All => enc
+                        .mlm_logits(&out.last_hidden_state)?
+                        .reshape((tokens, vocab))?
+                        .index_select(&targets.positions, 0)?,
+                };
+                let loss = cross_entropy(&logits, &targets.targets)?;
+                (logits, loss)
+            }
         };
-        let loss = cross_entropy(&logits, &targets.targets)?;
         let t2 = Instant::now();
         let grads = loss.backward()?;
         let t3 = Instant::now();
@@ -283,17 +410,17 @@ fn main() -> Result<()> {
         }
         let t4 = Instant::now();
         last_loss = loss.to_scalar::<f32>()?;
-        drop((out, logits, loss, grads));
+        drop((teacher_out, out, logits, loss, grads));
         let t5 = Instant::now();
         Ok(StepTimes {
             total: (t5 - t0).as_secs_f64(),
-            encoder: (t1 - t0).as_secs_f64(),
+            teacher: (tt - t0).as_secs_f64(),
+            encoder: (t1 - tt).as_secs_f64(),
             head: (t2 - t1).as_secs_f64(),
             backward: (t3 - t2).as_secs_f64(),
             optim: (t4 - t3).as_secs_f64(),
         })
     };
-
     let mut times = Vec::with_capacity(args.iters);
     for i in 0..args.warmup + args.iters {
         let t = step().with_context(|| format!("step {i}"))?;
@@ -308,15 +435,20 @@ fn main() -> Result<()> {
     let max_s = totals.iter().cloned().fold(0.0, f64::max);
     let peak_rss_mb = vm_hwm_mb().unwrap_or(f64::NAN);
 
-    let head_rows = if train && args.head_on == HeadOn::Masked {
+    let head_rows = if distill || (train && args.head_on == HeadOn::Masked) {
         n_masked
     } else {
         tokens
     };
-    let mut flops = forward_matmul_flops(&cfg, b, s, head_rows);
+    let mut flops = forward_matmul_flops(&enc.cfg, b, s, head_rows);
     if train {
         flops *= 3.0;
     }
+    // Distill mode: plus the teacher's forward (MLM head on the masked rows too).
+    let teacher_flops = teacher
+        .as_ref()
+        .map(|t| forward_matmul_flops(&t.cfg, b, s, n_masked));
+    flops += teacher_flops.unwrap_or(0.0);
     let gflops = flops / median_s / 1e9;
     let threads = candle_core::utils::get_num_threads();
 
@@ -339,9 +471,17 @@ fn main() -> Result<()> {
         ("device", "cpu".into()),
         ("params", num_params.into()),
         ("candle", "0.11".into()),
+    ];
+    if let Some(t) = &teacher {
+        out.push(("teacher_params", t.params.num_parameters().into()));
+        out.push(("teacher_layers", t.cfg.num_layers.into()));
+        out.push(("student_layers", enc.cfg.num_layers.into()));
+        out.push(("teacher_s", round(part(|t| t.teacher), 6).into()));
+    }
+    out.extend([
         ("encoder_s", round(part(|t| t.encoder), 6).into()),
         ("head_s", round(part(|t| t.head), 6).into()),
-    ];
+    ]);
     if train {
         out.push(("backward_s", round(part(|t| t.backward), 6).into()));
         if opt.is_some() {
@@ -349,13 +489,34 @@ fn main() -> Result<()> {
         }
     }
     out.push(("matmul_flops", flops.into()));
+    if let Some(f) = teacher_flops {
+        out.push(("teacher_matmul_flops", f.into()));
+    }
     out.push(("gflops", round(gflops, 1).into()));
     if train {
         out.push(("optimizer", opt.is_some().into()));
         out.push(("dropout", round(p_drop as f64, 6).into()));
-        out.push(("head_on", lower(&args.head_on).into()));
+        let head_on = if distill {
+            HeadOn::Masked
+        } else {
+            args.head_on
+        };
+        out.push(("head_on", lower(&head_on).into()));
         out.push(("masked_tokens", n_masked.into()));
         out.push(("last_loss", round(last_loss as f64, 6).into()));
+    }
+    if distill {
+        out.push(("temperature", TEMPERATURE.into()));
+        out.push((
+            "loss",
+            format!("{W_SOFT}*soft + {W_HARD}*hard + {W_COSINE}*cosine").into(),
+        ));
+        for (k, v) in ["loss_soft", "loss_hard", "loss_cosine"]
+            .into_iter()
+            .zip(last_parts)
+        {
+            out.push((k, round(v as f64, 6).into()));
+        }
     }
     if args.peak_size > 0 {
         let peak = matmul_peak(args.peak_size, &dev)?;
