@@ -1,7 +1,7 @@
 use clap::Parser;
 
 fn main() {
-    distil::util::alloc::tune_allocator();
+    distil::util::threads::init_runtime();
     let cli = distil::cli::Cli::parse();
     if let Err(e) = distil::cli::run(cli) {
         eprintln!("error: {e:#}");

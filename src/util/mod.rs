@@ -1,6 +1,7 @@
 //! Small shared helpers.
 
 pub mod alloc;
+pub mod threads;
 
 use anyhow::{Context, Result};
 use std::io::Write;

@@ -9,7 +9,7 @@
 
 use super::dropout::Mask;
 use super::gemm::{gemm, gemm_raw, Acc, Mat};
-use super::math::exp;
+use super::math::{dot, exp, max, sum};
 use super::{cpu_out, cpu_slice, tensor, Read, SharedMut};
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
@@ -73,42 +73,52 @@ impl AttentionOp {
     /// Row-wise softmax of the scores of batch row `bi`, keys masked out get probability 0.
     fn softmax(&self, p: &mut [f32], bi: usize, s: usize) {
         let mask = self.key_mask.as_ref().map(|m| &m[bi * s..(bi + 1) * s]);
-        for row in p.chunks_exact_mut(s) {
-            let mut max = f32::NEG_INFINITY;
-            match mask {
-                Some(m) => {
-                    for (v, &k) in row.iter().zip(m) {
-                        if k != 0 && *v > max {
-                            max = *v;
-                        }
-                    }
-                }
-                None => max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max),
-            }
-            if max == f32::NEG_INFINITY {
-                // No key may be attended to: uniform, as adding the same large negative
-                // number to every score does.
-                row.fill(1.0 / s as f32);
-                continue;
-            }
-            let mut sum = 0f32;
-            for v in row.iter_mut() {
-                *v = exp(*v - max);
-            }
-            if let Some(m) = mask {
-                for (v, &k) in row.iter_mut().zip(m) {
-                    if k == 0 {
-                        *v = 0.0;
-                    }
+        softmax_rows(p, mask, s);
+    }
+}
+
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn softmax_rows(p: &mut [f32], mask: Option<&[u8]>, s: usize) {
+    for row in p.chunks_exact_mut(s) {
+        if let Some(m) = mask {
+            // Masked keys out of the max and the sum: -inf scores, as adding the dtype's
+            // minimum does in the composed path.
+            for (v, &k) in row.iter_mut().zip(m) {
+                if k == 0 {
+                    *v = f32::NEG_INFINITY;
                 }
             }
-            for v in row.iter() {
-                sum += v;
-            }
-            let inv = 1.0 / sum;
-            for v in row.iter_mut() {
-                *v *= inv;
-            }
+        }
+        let mx = max(row);
+        if mx == f32::NEG_INFINITY {
+            // No key may be attended to: uniform, as adding the same large negative
+            // number to every score does.
+            row.fill(1.0 / s as f32);
+            continue;
+        }
+        for v in row.iter_mut() {
+            *v = exp(*v - mx);
+        }
+        let inv = 1.0 / sum(row);
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+/// The softmax backward in place: `ds ← P ∘ (ds − rowsum(ds ∘ P)) · scale`.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn softmax_backward_rows(ds: &mut [f32], p: &[f32], s: usize, scale: f32) {
+    for (dr, pr) in ds.chunks_exact_mut(s).zip(p.chunks_exact(s)) {
+        let d = dot(dr, pr);
+        for (x, &pv) in dr.iter_mut().zip(pr) {
+            *x = pv * (*x - d) * scale;
         }
     }
 }
@@ -254,12 +264,7 @@ impl CustomOp3 for AttentionOp {
                                     m.apply(ds, t * s * s);
                                 }
                                 // dS = P ∘ (dP − rowsum(dP ∘ P)) · scale
-                                for (dr, pr) in ds.chunks_exact_mut(s).zip(p.chunks_exact(s)) {
-                                    let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                                    for (x, &pv) in dr.iter_mut().zip(pr) {
-                                        *x = pv * (*x - dot) * scale;
-                                    }
-                                }
+                                softmax_backward_rows(ds, p, s, scale);
                                 unsafe {
                                     // dQ = dS · K
                                     gemm_raw(

@@ -57,10 +57,18 @@ impl Mask {
 
     /// `x[i] *= factor(i)` for a slice starting at element `offset` of the mask.
     pub fn apply(&self, x: &mut [f32], offset: usize) {
-        let keep = &self.keep[offset..offset + x.len()];
-        for (v, &k) in x.iter_mut().zip(keep) {
-            *v *= k as f32 * self.scale;
-        }
+        scale_by_mask(x, &self.keep[offset..offset + x.len()], self.scale);
+    }
+}
+
+/// `x[i] *= keep[i] · scale`.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn scale_by_mask(x: &mut [f32], keep: &[u8], scale: f32) {
+    for (v, &k) in x.iter_mut().zip(keep) {
+        *v *= k as f32 * scale;
     }
 }
 

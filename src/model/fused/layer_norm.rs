@@ -3,7 +3,8 @@
 //! standard deviation from the input (two cheap passes over a row already in cache) rather
 //! than keeping them.
 
-use super::{cpu_out, cpu_slice, sum_in_order, tensor, Read, REDUCE_ROWS};
+use super::math::{dot, sum};
+use super::{cpu_out, cpu_slice, rows_per_chunk, sum_in_order, tensor, Read, REDUCE_ROWS};
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -13,12 +14,68 @@ struct LayerNormOp {
 }
 
 /// Mean and 1/σ of a row (two-pass variance, as PyTorch).
-#[inline]
-fn stats(row: &[f32], eps: f32) -> (f32, f32) {
+#[inline(always)]
+fn stats(row: &[f32], eps: f32, scratch: &mut [f32]) -> (f32, f32) {
     let n = row.len() as f32;
-    let mean = row.iter().sum::<f32>() / n;
-    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = sum(row) / n;
+    for (c, v) in scratch.iter_mut().zip(row) {
+        *c = v - mean;
+    }
+    let var = dot(scratch, scratch) / n;
     (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// Forward over whole rows of width `g.len()`.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn forward_rows(y: &mut [f32], x: &[f32], g: &[f32], b: &[f32], eps: f32) {
+    let h = g.len();
+    let mut scratch = vec![0f32; h];
+    for (yr, xr) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
+        let (mean, rstd) = stats(xr, eps, &mut scratch);
+        for i in 0..h {
+            yr[i] = (xr[i] - mean) * rstd * g[i] + b[i];
+        }
+    }
+}
+
+/// Backward over whole rows: writes `dx`, adds into `dg` and `db`.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn backward_rows(
+    dx: &mut [f32],
+    x: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    dg: &mut [f32],
+    db: &mut [f32],
+    eps: f32,
+) {
+    let h = gamma.len();
+    let mut xhat = vec![0f32; h];
+    let mut d = vec![0f32; h];
+    for ((dxr, xr), dyr) in dx
+        .chunks_exact_mut(h)
+        .zip(x.chunks_exact(h))
+        .zip(dy.chunks_exact(h))
+    {
+        let (mean, rstd) = stats(xr, eps, &mut xhat);
+        for i in 0..h {
+            xhat[i] = (xr[i] - mean) * rstd;
+            d[i] = dyr[i] * gamma[i];
+            dg[i] += dyr[i] * xhat[i];
+            db[i] += dyr[i];
+        }
+        let m1 = sum(&d) / h as f32;
+        let m2 = dot(&d, &xhat) / h as f32;
+        for i in 0..h {
+            dxr[i] = rstd * (d[i] - m1 - xhat[i] * m2);
+        }
+    }
 }
 
 impl CustomOp3 for LayerNormOp {
@@ -47,14 +104,10 @@ impl CustomOp3 for LayerNormOp {
             )));
         }
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(h)
-            .zip(x.par_chunks(h))
-            .for_each(|(yr, xr)| {
-                let (mean, rstd) = stats(xr, self.eps);
-                for i in 0..h {
-                    yr[i] = (xr[i] - mean) * rstd * g[i] + b[i];
-                }
-            });
+        let per = rows_per_chunk(x.len() / h) * h;
+        y.par_chunks_mut(per)
+            .zip(x.par_chunks(per))
+            .for_each(|(yc, xc)| forward_rows(yc, xc, g, b, self.eps));
         Ok((cpu_out(y), xl.shape().clone()))
     }
 
@@ -78,27 +131,7 @@ impl CustomOp3 for LayerNormOp {
                         .map(|((dxc, xc), dyc)| {
                             let mut dg = vec![0f32; h];
                             let mut db = vec![0f32; h];
-                            let mut xhat = vec![0f32; h];
-                            for ((dxr, xr), dyr) in dxc
-                                .chunks_exact_mut(h)
-                                .zip(xc.chunks_exact(h))
-                                .zip(dyc.chunks_exact(h))
-                            {
-                                let (mean, rstd) = stats(xr, self.eps);
-                                let (mut s1, mut s2) = (0f32, 0f32);
-                                for i in 0..h {
-                                    xhat[i] = (xr[i] - mean) * rstd;
-                                    let d = dyr[i] * gamma[i];
-                                    s1 += d;
-                                    s2 += d * xhat[i];
-                                    dg[i] += dyr[i] * xhat[i];
-                                    db[i] += dyr[i];
-                                }
-                                let (m1, m2) = (s1 / h as f32, s2 / h as f32);
-                                for i in 0..h {
-                                    dxr[i] = rstd * (dyr[i] * gamma[i] - m1 - xhat[i] * m2);
-                                }
-                            }
+                            backward_rows(dxc, xc, dyc, gamma, &mut dg, &mut db, self.eps);
                             (dg, db)
                         })
                         .collect()

@@ -7,7 +7,7 @@
 
 use super::dropout::Mask;
 use super::gemm::{gemm, threads, Acc, Mat};
-use super::math::{act_grad, act_slice};
+use super::math::{act_grad_mul, act_slice};
 use super::{column_sums, cpu_out, cpu_slice, rows_per_chunk, tensor, Read};
 use crate::model::config::Activation;
 use anyhow::Result;
@@ -106,11 +106,7 @@ impl CustomOp3 for LinearOp {
             })?;
             gp.par_chunks_mut(per * out)
                 .zip(pre.par_chunks(per * out))
-                .for_each(|(g, p)| {
-                    for (g, &p) in g.iter_mut().zip(p) {
-                        *g *= act_grad(a, p);
-                    }
-                });
+                .for_each(|(g, p)| act_grad_mul(a, g, p));
         }
         if let Some(m) = &self.mask {
             gp.par_chunks_mut(per * out)

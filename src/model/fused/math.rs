@@ -11,7 +11,10 @@ pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     let x = x.clamp(-87.5, 88.5);
-    let n = (x * LOG2E).round();
+    // Round to nearest by the 1.5·2^23 trick: `f32::round` is a libm call that stops the
+    // loop from vectorising.
+    const SHIFT: f32 = 12_582_912.0;
+    let n = (x * LOG2E + SHIFT) - SHIFT;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     // Degree-6 Taylor polynomial of e^r on |r| <= ln2/2 (error < 1.2e-8 relative).
     let p = 1.0
@@ -96,6 +99,10 @@ pub fn act_grad(a: Activation, x: f32) -> f32 {
 }
 
 /// Applies `act` to every element of `x` in place.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma"
+))]
 pub fn act_slice(a: Activation, x: &mut [f32]) {
     match a {
         Activation::GeluErf => x.iter_mut().for_each(|v| *v = act(Activation::GeluErf, *v)),
@@ -104,4 +111,81 @@ pub fn act_slice(a: Activation, x: &mut [f32]) {
             .for_each(|v| *v = act(Activation::GeluTanh, *v)),
         Activation::Relu => x.iter_mut().for_each(|v| *v = v.max(0.0)),
     }
+}
+
+/// `g[i] *= act'(pre[i])`.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+pub fn act_grad_mul(a: Activation, g: &mut [f32], pre: &[f32]) {
+    match a {
+        Activation::GeluErf => g
+            .iter_mut()
+            .zip(pre)
+            .for_each(|(g, &p)| *g *= act_grad(Activation::GeluErf, p)),
+        Activation::GeluTanh => g
+            .iter_mut()
+            .zip(pre)
+            .for_each(|(g, &p)| *g *= act_grad(Activation::GeluTanh, p)),
+        Activation::Relu => g
+            .iter_mut()
+            .zip(pre)
+            .for_each(|(g, &p)| *g *= act_grad(Activation::Relu, p)),
+    }
+}
+
+/// Sum with 16 independent accumulators, so it vectorises (a plain `iter().sum()` is a
+/// serial chain of adds: the compiler may not reorder float additions).
+#[inline(always)]
+pub fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            acc[i] += c[i];
+        }
+    }
+    let mut total = 0f32;
+    for v in chunks.remainder() {
+        total += v;
+    }
+    total + acc.iter().sum::<f32>()
+}
+
+/// Dot product, vectorised as [`sum`].
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; 16];
+    let mut ca = a.chunks_exact(16);
+    let mut cb = b.chunks_exact(16);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut total = 0f32;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        total += x * y;
+    }
+    total + acc.iter().sum::<f32>()
+}
+
+/// Maximum, vectorised as [`sum`] (NaN-ignoring, as `f32::max`).
+#[inline(always)]
+pub fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            acc[i] = acc[i].max(c[i]);
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in chunks.remainder() {
+        m = m.max(v);
+    }
+    acc.iter().fold(m, |a, &b| a.max(b))
 }
