@@ -180,3 +180,97 @@ fn fused_kernels_match_composed_ops_in_training_mode() {
         }
     }
 }
+
+/// Loss and gradient of `f` at `x`, as f32 (fused kernels) or f64 (candle's composed ops).
+fn loss_and_grad(
+    x: &Tensor,
+    dtype: candle_core::DType,
+    f: &dyn Fn(&Tensor) -> Tensor,
+) -> (f64, Vec<f64>) {
+    let v = candle_core::Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+    let loss = f(v.as_tensor());
+    let g = loss.backward().unwrap();
+    let grad = g.get(v.as_tensor()).expect("a gradient");
+    (
+        loss.to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap(),
+        grad.to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap(),
+    )
+}
+
+fn assert_close(what: &str, a: (f64, Vec<f64>), b: (f64, Vec<f64>)) {
+    assert!(
+        (a.0 - b.0).abs() < 1e-5 * b.0.abs().max(1.0),
+        "{what}: loss {} fused vs {} composed",
+        a.0,
+        b.0
+    );
+    let scale = b.1.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let d =
+        a.1.iter()
+            .zip(&b.1)
+            .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+    assert!(
+        scale > 0.0 && d / scale < 1e-4,
+        "{what}: gradient differs by {d} (max {scale})"
+    );
+}
+
+#[test]
+fn fused_losses_match_composed_ops() {
+    use candle_core::DType::{F32, F64};
+    let dev = Device::Cpu;
+    let logits = (Tensor::randn(0f32, 3.0, (7, 50), &dev).unwrap())
+        .contiguous()
+        .unwrap();
+    let teacher = Tensor::randn(0f32, 3.0, (7, 50), &dev).unwrap();
+    let targets = Tensor::new(&[3u32, 0, 49, 17, 17, 8, 21], &dev).unwrap();
+    for dtype in [F32, F64] {
+        let p = distil::loss::teacher_probs(&teacher.to_dtype(dtype).unwrap(), 2.0).unwrap();
+        let sums = p
+            .sum(1)
+            .unwrap()
+            .to_dtype(F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        assert!(
+            sums.iter().all(|s| (s - 1.0).abs() < 1e-5),
+            "{dtype:?}: {sums:?}"
+        );
+    }
+    let ce = |x: &Tensor| distil::loss::cross_entropy(x, &targets).unwrap();
+    assert_close(
+        "cross-entropy",
+        loss_and_grad(&logits, F32, &ce),
+        loss_and_grad(&logits, F64, &ce),
+    );
+    for t in [1.0, 2.0, 4.0] {
+        let kl = |x: &Tensor| {
+            let p = distil::loss::teacher_probs(&teacher.to_dtype(x.dtype()).unwrap(), t).unwrap();
+            distil::loss::soft_kl(x, &p, t).unwrap()
+        };
+        assert_close(
+            &format!("soft KL at T={t}"),
+            loss_and_grad(&logits, F32, &kl),
+            loss_and_grad(&logits, F64, &kl),
+        );
+    }
+    let hs = Tensor::randn(0f32, 1.0, (2, 5, 16), &dev).unwrap();
+    let ht = Tensor::randn(0f32, 1.0, (2, 5, 16), &dev).unwrap();
+    let mask = Tensor::new(&[[1u32, 1, 1, 0, 0], [1, 1, 1, 1, 1]], &dev).unwrap();
+    let cos =
+        |x: &Tensor| distil::loss::cosine_loss(x, &ht.to_dtype(x.dtype()).unwrap(), &mask).unwrap();
+    assert_close(
+        "cosine",
+        loss_and_grad(&hs, F32, &cos),
+        loss_and_grad(&hs, F64, &cos),
+    );
+}

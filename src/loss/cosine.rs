@@ -6,6 +6,16 @@ use candle_core::{Tensor, D};
 
 /// `student`, `teacher`: `[batch, seq, hidden]`; `mask`: `u32 [batch, seq]` (1 = real token).
 pub fn cosine_loss(student: &Tensor, teacher: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    if crate::model::fused::enabled_for(student) && crate::model::fused::enabled_for(teacher) {
+        let m = mask
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        return match crate::model::fused::losses::cosine_loss(student, teacher, &m)? {
+            Some(l) => Ok(l),
+            None => bail!("cosine loss over zero real tokens"),
+        };
+    }
     let teacher = teacher.detach();
     let dot = (student * &teacher)?.sum(D::Minus1)?;
     let ns = student.sqr()?.sum(D::Minus1)?.sqrt()?;

@@ -40,6 +40,12 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if n == 0 {
         bail!("cross-entropy over zero targets (no masked token in the batch)");
     }
+    if crate::model::fused::enabled_for(logits) {
+        let t = targets
+            .to_dtype(candle_core::DType::U32)?
+            .to_vec1::<u32>()?;
+        return crate::model::fused::losses::cross_entropy(logits, &t);
+    }
     let logp = log_softmax_last_dim(logits)?;
     let picked = logp.gather(&targets.unsqueeze(1)?, D::Minus1)?;
     Ok((picked.sum_all()?.neg()? / n as f64)?)

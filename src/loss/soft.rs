@@ -7,6 +7,9 @@ use candle_core::Tensor;
 
 /// The teacher's distribution at temperature `t` (detached: nothing flows into the teacher).
 pub fn teacher_probs(teacher_logits: &Tensor, t: f64) -> Result<Tensor> {
+    if crate::model::fused::enabled_for(teacher_logits) {
+        return crate::model::fused::losses::softmax_no_grad(teacher_logits, t);
+    }
     softmax_last_dim(&(teacher_logits.detach() / t)?)
 }
 
@@ -16,6 +19,11 @@ pub fn soft_kl(student_logits: &Tensor, teacher_p: &Tensor, t: f64) -> Result<Te
     let rows = student_logits.dim(0)?;
     if rows == 0 {
         bail!("soft-target loss over zero positions");
+    }
+    if crate::model::fused::enabled_for(student_logits)
+        && crate::model::fused::enabled_for(teacher_p)
+    {
+        return crate::model::fused::losses::soft_kl(student_logits, teacher_p, t);
     }
     let log_q = log_softmax_last_dim(&(student_logits / t)?)?;
     // p log p, with 0 log 0 = 0.

@@ -20,6 +20,7 @@ pub mod dropout;
 pub mod gemm;
 pub mod layer_norm;
 pub mod linear;
+pub mod losses;
 pub mod math;
 
 use candle_core::backend::BackendStorage;

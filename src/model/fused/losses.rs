@@ -1,0 +1,308 @@
+//! The training losses over logits and hidden states as single graph nodes: cross-entropy,
+//! temperature-scaled soft-target KL and the hidden-state cosine loss. Each returns a scalar;
+//! its backward writes the gradient of the logits (or hidden states) in one pass, where the
+//! composed versions (`log_softmax`, `gather`, sums, broadcasts) took a dozen graph nodes
+//! over `[rows, vocab]` tensors. `src/loss/*` dispatches here for f32 CPU tensors;
+//! `tests/fused.rs` compares both paths.
+
+use super::math::{dot, exp, max, sum};
+use super::{cpu_slice, tensor, Read};
+use anyhow::Result;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// `log Σ exp(x)` of a row.
+#[inline(always)]
+fn logsumexp(x: &[f32], scale: f32, scratch: &mut [f32]) -> f32 {
+    let m = max(x) * scale;
+    for (s, &v) in scratch.iter_mut().zip(x) {
+        *s = exp(v * scale - m);
+    }
+    m + sum(scratch).ln()
+}
+
+fn scalar(v: f32) -> CpuStorage {
+    CpuStorage::F32(vec![v])
+}
+
+fn grad_scalar(grad: &Tensor) -> candle_core::Result<f32> {
+    grad.to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .first()
+        .copied()
+        .ok_or_else(|| candle_core::Error::Msg("empty loss gradient".into()))
+}
+
+/// Mean over rows of `−log softmax(logits)[target]`.
+struct CrossEntropyOp {
+    targets: Arc<Vec<u32>>,
+}
+
+impl CustomOp1 for CrossEntropyOp {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_slice(s, l, self.name())?;
+        let (n, v) = l.shape().dims2()?;
+        let nll: Vec<f32> = x
+            .par_chunks(v)
+            .zip(self.targets.par_iter())
+            .map_init(
+                || vec![0f32; v],
+                |scr, (row, &t)| logsumexp(row, 1.0, scr) - row[t as usize],
+            )
+            .collect();
+        Ok((scalar(nll.iter().sum::<f32>() / n as f32), Shape::from(())))
+    }
+
+    fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (n, v) = x.dims2()?;
+        let g = grad_scalar(grad)? / n as f32;
+        let xr = Read::new(x)?;
+        let mut dx = vec![0f32; n * v];
+        xr.with(|x| {
+            dx.par_chunks_mut(v)
+                .zip(x.par_chunks(v))
+                .zip(self.targets.par_iter())
+                .for_each(|((d, row), &t)| {
+                    let lse = logsumexp(row, 1.0, d);
+                    for (d, &r) in d.iter_mut().zip(row) {
+                        *d = exp(r - lse) * g;
+                    }
+                    d[t as usize] -= g;
+                })
+        });
+        Ok(Some(tensor(dx, &[n, v])?))
+    }
+}
+
+/// Cross-entropy of `logits [n, vocab]` (f32, CPU) against `targets` (each < vocab).
+pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let (n, v) = logits.dims2()?;
+    anyhow::ensure!(targets.len() == n, "{} targets for {n} rows", targets.len());
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= v) {
+        anyhow::bail!("target id {t} outside the vocabulary of {v}");
+    }
+    let op = CrossEntropyOp {
+        targets: Arc::new(targets.to_vec()),
+    };
+    Ok(logits.contiguous()?.apply_op1(op)?)
+}
+
+/// `Σ p (log p − log softmax(s/T)) / rows · T²` over student logits `s` and teacher
+/// probabilities `p` (no gradient flows to `p`).
+struct SoftKlOp {
+    t: f32,
+}
+
+impl CustomOp2 for SoftKlOp {
+    fn name(&self) -> &'static str {
+        "fused-soft-kl"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ss: &CpuStorage,
+        sl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let s = cpu_slice(ss, sl, self.name())?;
+        let p = cpu_slice(ps, pl, self.name())?;
+        let (n, v) = sl.shape().dims2()?;
+        let inv_t = 1.0 / self.t;
+        let kl: Vec<f32> = s
+            .par_chunks(v)
+            .zip(p.par_chunks(v))
+            .map_init(
+                || vec![0f32; v],
+                |scr, (sr, pr)| {
+                    let lse = logsumexp(sr, inv_t, scr);
+                    let mut acc = 0f32;
+                    for (&x, &pv) in sr.iter().zip(pr) {
+                        if pv > 0.0 {
+                            acc += pv * (pv.max(1e-30).ln() - (x * inv_t - lse));
+                        }
+                    }
+                    acc
+                },
+            )
+            .collect();
+        let total = kl.iter().sum::<f32>() * self.t * self.t / n as f32;
+        Ok((scalar(total), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        s: &Tensor,
+        p: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, v) = s.dims2()?;
+        let inv_t = 1.0 / self.t;
+        // d/ds [T² · KL] / n = T · (q − p) / n
+        let g = grad_scalar(grad)? * self.t / n as f32;
+        let (sr, pr) = (Read::new(s)?, Read::new(p)?);
+        let mut ds = vec![0f32; n * v];
+        sr.with(|s| {
+            pr.with(|p| {
+                ds.par_chunks_mut(v)
+                    .zip(s.par_chunks(v))
+                    .zip(p.par_chunks(v))
+                    .for_each(|((d, row), prow)| {
+                        let lse = logsumexp(row, inv_t, d);
+                        for ((d, &x), &pv) in d.iter_mut().zip(row).zip(prow) {
+                            *d = (exp(x * inv_t - lse) - pv) * g;
+                        }
+                    })
+            })
+        });
+        Ok((Some(tensor(ds, &[n, v])?), None))
+    }
+}
+
+/// Soft-target KL · T² of `student_logits [rows, vocab]` against teacher probabilities.
+pub fn soft_kl(student_logits: &Tensor, teacher_p: &Tensor, t: f64) -> Result<Tensor> {
+    anyhow::ensure!(
+        student_logits.dims() == teacher_p.dims(),
+        "student logits {:?} and teacher probabilities {:?} differ in shape",
+        student_logits.dims(),
+        teacher_p.dims()
+    );
+    let op = SoftKlOp { t: t as f32 };
+    Ok(student_logits
+        .contiguous()?
+        .apply_op2(&teacher_p.detach().contiguous()?, op)?)
+}
+
+/// `softmax(x / T)` over the last dimension, no gradient (the teacher's targets).
+pub fn softmax_no_grad(x: &Tensor, t: f64) -> Result<Tensor> {
+    let v = *x.dims().last().unwrap_or(&1);
+    let inv_t = 1.0 / t as f32;
+    let xr = Read::new(&x.detach())?;
+    let mut out = vec![0f32; x.elem_count()];
+    xr.with(|x| {
+        out.par_chunks_mut(v)
+            .zip(x.par_chunks(v))
+            .for_each(|(o, row)| {
+                let lse = logsumexp(row, inv_t, o);
+                for (o, &r) in o.iter_mut().zip(row) {
+                    *o = exp(r * inv_t - lse);
+                }
+            })
+    });
+    Ok(tensor(out, x.dims())?)
+}
+
+/// Mean over real tokens of `1 − cos(student, teacher)` (norms clamped at 1e-8 as
+/// PyTorch's `cosine_similarity`); no gradient flows to the teacher.
+struct CosineOp {
+    /// `[rows]`, 1 for real tokens.
+    mask: Arc<Vec<f32>>,
+    count: f32,
+}
+
+#[inline(always)]
+fn cos_parts(s: &[f32], t: &[f32]) -> (f32, f32, f32) {
+    let ns = dot(s, s).sqrt().max(1e-8);
+    let nt = dot(t, t).sqrt().max(1e-8);
+    (dot(s, t), ns, nt)
+}
+
+impl CustomOp2 for CosineOp {
+    fn name(&self) -> &'static str {
+        "fused-cosine-loss"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ss: &CpuStorage,
+        sl: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let s = cpu_slice(ss, sl, self.name())?;
+        let t = cpu_slice(ts, tl, self.name())?;
+        let h = *sl.shape().dims().last().unwrap_or(&1);
+        let per: Vec<f32> = s
+            .par_chunks(h)
+            .zip(t.par_chunks(h))
+            .zip(self.mask.par_iter())
+            .map(|((sr, tr), &m)| {
+                if m == 0.0 {
+                    return 0.0;
+                }
+                let (d, ns, nt) = cos_parts(sr, tr);
+                m * (1.0 - d / (ns * nt))
+            })
+            .collect();
+        Ok((
+            scalar(per.iter().sum::<f32>() / self.count),
+            Shape::from(()),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        s: &Tensor,
+        t: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let h = *s.dims().last().unwrap_or(&1);
+        let g = grad_scalar(grad)? / self.count;
+        let (sr, tr) = (Read::new(s)?, Read::new(t)?);
+        let mut ds = vec![0f32; s.elem_count()];
+        sr.with(|s| {
+            tr.with(|t| {
+                ds.par_chunks_mut(h)
+                    .zip(s.par_chunks(h))
+                    .zip(t.par_chunks(h))
+                    .zip(self.mask.par_iter())
+                    .for_each(|(((d, sr), tr), &m)| {
+                        if m == 0.0 {
+                            return;
+                        }
+                        let (dt, ns, nt) = cos_parts(sr, tr);
+                        // d cos / d s = t / (|s||t|) − cos · s / |s|²  (|s| unclamped region)
+                        let inv = 1.0 / (ns * nt);
+                        let c = dt * inv;
+                        let k = c / (ns * ns);
+                        for ((d, &a), &b) in d.iter_mut().zip(sr).zip(tr) {
+                            *d = -m * g * (b * inv - k * a);
+                        }
+                    })
+            })
+        });
+        Ok((Some(tensor(ds, s.dims())?), None))
+    }
+}
+
+/// The cosine loss over `student`, `teacher` `[batch, seq, hidden]` and `mask` `[batch, seq]`
+/// (1 = real token); `None` when the mask has no real token.
+pub fn cosine_loss(student: &Tensor, teacher: &Tensor, mask: &[f32]) -> Result<Option<Tensor>> {
+    anyhow::ensure!(
+        student.dims() == teacher.dims(),
+        "student {:?} and teacher {:?} hidden states differ in shape",
+        student.dims(),
+        teacher.dims()
+    );
+    let count: f32 = mask.iter().sum();
+    if count == 0.0 {
+        return Ok(None);
+    }
+    let op = CosineOp {
+        mask: Arc::new(mask.to_vec()),
+        count,
+    };
+    Ok(Some(
+        student
+            .contiguous()?
+            .apply_op2(&teacher.detach().contiguous()?, op)?,
+    ))
+}
