@@ -204,6 +204,14 @@ impl Encoder {
         n.forward(x)
     }
 
+    /// `LN(a + residual)`.
+    fn add_norm(&self, n: &LayerNorm, a: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if self.use_fused(a) {
+            return fused::layer_norm::residual_layer_norm(a, residual, &n.weight, &n.bias, n.eps);
+        }
+        n.forward(&a.add(residual)?)
+    }
+
     fn drop(&self, x: &Tensor, p: f32, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
         match rng {
             Some(r) if p > 0.0 && self.use_fused(x) => fused::dropout::dropout(x, p, r),
@@ -391,10 +399,10 @@ impl Encoder {
             cfg.hidden_dropout,
             rng.as_deref_mut(),
         )?;
-        let a = self.norm(&blk.attn_norm, &a.add(x)?)?;
+        let a = self.add_norm(&blk.attn_norm, &a, x)?;
         let i = self.dense(&blk.intermediate, &a, Some(cfg.hidden_act), 0.0, None)?;
         let o = self.dense(&blk.output, &i, None, cfg.hidden_dropout, rng)?;
-        let o = self.norm(&blk.out_norm, &o.add(&a)?)?;
+        let o = self.add_norm(&blk.out_norm, &o, &a)?;
         Ok((o, probs))
     }
 

@@ -25,18 +25,23 @@ fn stats(row: &[f32], eps: f32, scratch: &mut [f32]) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-/// Forward over whole rows of width `g.len()`.
+/// Forward over whole rows of width `g.len()`, in place: `y ← LN(y [+ res])`.
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
     "x86_64+avx2+fma"
 ))]
-fn forward_rows(y: &mut [f32], x: &[f32], g: &[f32], b: &[f32], eps: f32) {
+fn forward_rows(y: &mut [f32], res: Option<&[f32]>, g: &[f32], b: &[f32], eps: f32) {
     let h = g.len();
     let mut scratch = vec![0f32; h];
-    for (yr, xr) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
-        let (mean, rstd) = stats(xr, eps, &mut scratch);
+    for (k, yr) in y.chunks_exact_mut(h).enumerate() {
+        if let Some(r) = res {
+            for (v, &a) in yr.iter_mut().zip(&r[k * h..(k + 1) * h]) {
+                *v += a;
+            }
+        }
+        let (mean, rstd) = stats(yr, eps, &mut scratch);
         for i in 0..h {
-            yr[i] = (xr[i] - mean) * rstd * g[i] + b[i];
+            yr[i] = (yr[i] - mean) * rstd * g[i] + b[i];
         }
     }
 }
@@ -46,9 +51,11 @@ fn forward_rows(y: &mut [f32], x: &[f32], g: &[f32], b: &[f32], eps: f32) {
     "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
     "x86_64+avx2+fma"
 ))]
+#[allow(clippy::too_many_arguments)]
 fn backward_rows(
     dx: &mut [f32],
     x: &[f32],
+    res: Option<&[f32]>,
     dy: &[f32],
     gamma: &[f32],
     dg: &mut [f32],
@@ -58,11 +65,22 @@ fn backward_rows(
     let h = gamma.len();
     let mut xhat = vec![0f32; h];
     let mut d = vec![0f32; h];
-    for ((dxr, xr), dyr) in dx
+    let mut sum_row = vec![0f32; h];
+    for (k, ((dxr, xr), dyr)) in dx
         .chunks_exact_mut(h)
         .zip(x.chunks_exact(h))
         .zip(dy.chunks_exact(h))
+        .enumerate()
     {
+        let xr: &[f32] = match res {
+            Some(r) => {
+                for ((s, &a), &b) in sum_row.iter_mut().zip(xr).zip(&r[k * h..(k + 1) * h]) {
+                    *s = a + b;
+                }
+                &sum_row
+            }
+            None => xr,
+        };
         let (mean, rstd) = stats(xr, eps, &mut xhat);
         for i in 0..h {
             xhat[i] = (xr[i] - mean) * rstd;
@@ -103,11 +121,10 @@ impl CustomOp3 for LayerNormOp {
                 b.len()
             )));
         }
-        let mut y = vec![0f32; x.len()];
+        let mut y = x.to_vec();
         let per = rows_per_chunk(x.len() / h) * h;
         y.par_chunks_mut(per)
-            .zip(x.par_chunks(per))
-            .for_each(|(yc, xc)| forward_rows(yc, xc, g, b, self.eps));
+            .for_each(|yc| forward_rows(yc, None, g, b, self.eps));
         Ok((cpu_out(y), xl.shape().clone()))
     }
 
@@ -131,7 +148,7 @@ impl CustomOp3 for LayerNormOp {
                         .map(|((dxc, xc), dyc)| {
                             let mut dg = vec![0f32; h];
                             let mut db = vec![0f32; h];
-                            backward_rows(dxc, xc, dyc, gamma, &mut dg, &mut db, self.eps);
+                            backward_rows(dxc, xc, None, dyc, gamma, &mut dg, &mut db, self.eps);
                             (dg, db)
                         })
                         .collect()
@@ -145,6 +162,113 @@ impl CustomOp3 for LayerNormOp {
             Some(tensor(sum_in_order(dbs, h), &[h])?),
         ))
     }
+}
+
+/// `LN(a + r)`: the residual add folded into the norm. The weight and bias travel as one
+/// `[2, h]` tensor (a `CustomOp3` has three inputs); the gradient of the sum goes to both
+/// `a` and `r`.
+struct ResidualLayerNormOp {
+    eps: f32,
+}
+
+impl CustomOp3 for ResidualLayerNormOp {
+    fn name(&self) -> &'static str {
+        "fused-residual-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        as_: &CpuStorage,
+        al: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let a = cpu_slice(as_, al, self.name())?;
+        let r = cpu_slice(rs, rl, self.name())?;
+        let p = cpu_slice(ps, pl, self.name())?;
+        let h = p.len() / 2;
+        if h == 0 || a.len() % h != 0 || r.len() != a.len() {
+            return Err(candle_core::Error::Msg(format!(
+                "fused residual layer norm: inputs {:?} and {:?} against [{h}]",
+                al.shape(),
+                rl.shape()
+            )));
+        }
+        let (g, b) = p.split_at(h);
+        let mut y = a.to_vec();
+        let per = rows_per_chunk(a.len() / h) * h;
+        y.par_chunks_mut(per)
+            .zip(r.par_chunks(per))
+            .for_each(|(yc, rc)| forward_rows(yc, Some(rc), g, b, self.eps));
+        Ok((cpu_out(y), al.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        r: &Tensor,
+        p: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let h = p.elem_count() / 2;
+        let (ar, rr, pr, dyr) = (
+            Read::new(a)?,
+            Read::new(r)?,
+            Read::new(p)?,
+            Read::new(grad)?,
+        );
+        let mut dx = vec![0f32; a.elem_count()];
+        let partial: Vec<(Vec<f32>, Vec<f32>)> = ar.with(|a| {
+            rr.with(|r| {
+                pr.with(|p| {
+                    dyr.with(|dy| {
+                        let gamma = &p[..h];
+                        dx.par_chunks_mut(REDUCE_ROWS * h)
+                            .zip(a.par_chunks(REDUCE_ROWS * h))
+                            .zip(r.par_chunks(REDUCE_ROWS * h))
+                            .zip(dy.par_chunks(REDUCE_ROWS * h))
+                            .map(|(((dxc, ac), rc), dyc)| {
+                                let mut dg = vec![0f32; h];
+                                let mut db = vec![0f32; h];
+                                backward_rows(
+                                    dxc,
+                                    ac,
+                                    Some(rc),
+                                    dyc,
+                                    gamma,
+                                    &mut dg,
+                                    &mut db,
+                                    self.eps,
+                                );
+                                (dg, db)
+                            })
+                            .collect()
+                    })
+                })
+            })
+        });
+        let (dgs, dbs): (Vec<_>, Vec<_>) = partial.into_iter().unzip();
+        let mut dp = sum_in_order(dgs, h);
+        dp.extend(sum_in_order(dbs, h));
+        let dx = tensor(dx, a.dims())?;
+        Ok((Some(dx.clone()), Some(dx), Some(tensor(dp, &[2, h])?)))
+    }
+}
+
+/// `LN(a + r)` for `a`, `r` `[.., h]` with weight and bias `[h]` (f32, CPU).
+pub fn residual_layer_norm(
+    a: &Tensor,
+    r: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let p = Tensor::stack(&[weight, bias], 0)?;
+    let op = ResidualLayerNormOp { eps: eps as f32 };
+    Ok(a.contiguous()?.apply_op3(&r.contiguous()?, &p, op)?)
 }
 
 /// Layer norm of `x` `[.., h]` with weight and bias `[h]` (f32, CPU).
