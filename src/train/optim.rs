@@ -8,6 +8,8 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{CpuStorage, DType, Layout, Tensor, Var};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
@@ -105,17 +107,33 @@ impl candle_core::InplaceOp2 for CpuUpdate<'_> {
         let mut m = self.m.lock().unwrap();
         let mut v = self.v.lock().unwrap();
         let s = self.s;
-        let step_size = s.lr / s.bias_correction1;
-        for i in 0..p.len() {
-            let gi = g[i] * s.grad_scale;
-            let mi = s.beta1 * m[i] + (1.0 - s.beta1) * gi;
-            let vi = s.beta2 * v[i] + (1.0 - s.beta2) * gi * gi;
-            m[i] = mi;
-            v[i] = vi;
-            let denom = vi.sqrt() / s.bias_correction2_sqrt + s.eps;
-            p[i] = p[i] * s.decay_factor - step_size * mi / denom;
-        }
+        // Element-wise, so chunking cannot change the result: parallel, and vectorised
+        // with AVX2 / AVX-512 where the CPU has them.
+        const CHUNK: usize = 1 << 15;
+        p.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .for_each(|(((p, g), m), v)| adamw_update(p, g, m, v, &s));
         Ok(())
+    }
+}
+
+/// One AdamW update of a slice of parameters and their moments.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn adamw_update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &StepScalars) {
+    let step_size = s.lr / s.bias_correction1;
+    for i in 0..p.len() {
+        let gi = g[i] * s.grad_scale;
+        let mi = s.beta1 * m[i] + (1.0 - s.beta1) * gi;
+        let vi = s.beta2 * v[i] + (1.0 - s.beta2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        let denom = vi.sqrt() / s.bias_correction2_sqrt + s.eps;
+        p[i] = p[i] * s.decay_factor - step_size * mi / denom;
     }
 }
 
@@ -281,5 +299,105 @@ pub fn clip_factor(norm: f64, max_norm: Option<f64>) -> f64 {
     match max_norm {
         Some(max) if max > 0.0 => (max / (norm + 1e-6)).min(1.0),
         _ => 1.0,
+    }
+}
+
+/// Dynamic loss scaling for fp16 mixed precision, as PyTorch's `GradScaler` (same defaults):
+/// the loss is multiplied by `scale` before the backward pass so that small gradients survive
+/// in float16; the gradients are divided by it again in the update. A step whose gradients
+/// are not all finite is skipped and the scale halved; after `growth_interval` good steps in
+/// a row the scale doubles. Saved with the trainer state, so a resumed run goes on with it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LossScaler {
+    pub scale: f64,
+    /// Good steps since the scale last changed.
+    pub good_steps: u64,
+    pub growth_interval: u64,
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        LossScaler {
+            scale: LossScaler::INIT_SCALE,
+            good_steps: 0,
+            growth_interval: 2000,
+        }
+    }
+}
+
+impl LossScaler {
+    pub const INIT_SCALE: f64 = 65536.0;
+    pub const GROWTH: f64 = 2.0;
+    pub const BACKOFF: f64 = 0.5;
+    /// Below this (float16's smallest subnormal) no scale can help: the gradients are not
+    /// finite at all, and the run stops rather than skip every step.
+    pub const MIN_SCALE: f64 = 1.0 / 16_777_216.0;
+
+    /// Records a step whose (scaled) gradients were all finite or not, and adjusts the scale.
+    /// Returns whether the step's update is to be applied.
+    pub fn update(&mut self, grads_finite: bool) -> Result<bool> {
+        if !grads_finite {
+            self.scale *= Self::BACKOFF;
+            self.good_steps = 0;
+            if self.scale < Self::MIN_SCALE {
+                bail!(
+                    "training.fp16: the loss scale fell below 2^-24 and the gradients are still not finite: the model itself overflows (try a lower learning rate, or bf16)"
+                );
+            }
+            return Ok(false);
+        }
+        self.good_steps += 1;
+        if self.good_steps >= self.growth_interval {
+            self.scale *= Self::GROWTH;
+            self.good_steps = 0;
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LossScaler;
+
+    #[test]
+    fn loss_scaler_backs_off_skips_and_grows() {
+        let mut s = LossScaler {
+            growth_interval: 3,
+            ..Default::default()
+        };
+        assert_eq!(s.scale, 65536.0);
+        // An overflow: skip, halve, restart the count.
+        assert!(!s.update(false).unwrap());
+        assert_eq!(s.scale, 32768.0);
+        assert_eq!(s.good_steps, 0);
+        // Two good steps: applied, no growth yet.
+        assert!(s.update(true).unwrap());
+        assert!(s.update(true).unwrap());
+        assert_eq!(s.scale, 32768.0);
+        // An overflow resets the run of good steps.
+        assert!(!s.update(false).unwrap());
+        assert_eq!((s.scale, s.good_steps), (16384.0, 0));
+        // Three good steps in a row: the scale doubles (on the third, which is applied).
+        for _ in 0..3 {
+            assert!(s.update(true).unwrap());
+        }
+        assert_eq!((s.scale, s.good_steps), (32768.0, 0));
+        // Overflow at every scale: an error, not endless skipping.
+        let mut s = LossScaler::default();
+        let mut skipped = 0;
+        let err = loop {
+            match s.update(false) {
+                Ok(applied) => {
+                    assert!(!applied);
+                    skipped += 1;
+                }
+                Err(e) => break e.to_string(),
+            }
+        };
+        assert_eq!(skipped, 40, "65536 down to 2^-24 is 40 halvings");
+        assert!(
+            err.contains("training.fp16: the loss scale fell below"),
+            "{err}"
+        );
     }
 }
