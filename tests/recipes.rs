@@ -143,3 +143,66 @@ fn a_hub_id_that_is_not_cached_is_to_be_downloaded() {
     );
     let _ = Path::new("");
 }
+
+#[test]
+fn mixed_precision_needs_a_cuda_device() {
+    // On the CPU (the default device) both switches are refused by `check` and by `run`,
+    // naming the key and the device.
+    for key in ["bf16", "fp16"] {
+        let text = GOOD.replacen(
+            "  learning_rate: 1.0e-3",
+            &format!("  learning_rate: 1.0e-3\n  {key}: true"),
+            1,
+        );
+        let (ok, out) = check_text(&text);
+        assert!(!ok, "{key} on the CPU should fail");
+        let want = format!(
+            "r.yaml:16:3: training.{key}: mixed precision needs a CUDA device (device: cpu)"
+        );
+        assert!(out.contains(&want), "expected {want:?} in:\n{out}");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.yaml");
+        std::fs::write(&p, GOOD).unwrap();
+        let set = format!("training.{key}=true");
+        let (ok, out) = distil(&["run", p.to_str().unwrap(), "--set", &set]);
+        assert!(!ok, "run with {key} on the CPU should fail");
+        assert!(
+            out.contains(&format!(
+                "training.{key}: mixed precision needs a CUDA device (device: cpu)"
+            )),
+            "{out}"
+        );
+    }
+    let both = GOOD.replacen(
+        "  learning_rate: 1.0e-3",
+        "  learning_rate: 1.0e-3\n  device: cuda\n  bf16: true\n  fp16: true",
+        1,
+    );
+    let (ok, out) = check_text(&both);
+    assert!(
+        !ok && out.contains("training.fp16: give either bf16 or fp16, not both"),
+        "{out}"
+    );
+    // On a CUDA device the recipe is valid; a build without the feature says so at run time.
+    let gpu = GOOD.replacen(
+        "  learning_rate: 1.0e-3",
+        "  learning_rate: 1.0e-3\n  device: cuda:0\n  bf16: true",
+        1,
+    );
+    let (ok, out) = check_text(&gpu);
+    assert!(ok, "{out}");
+    if !cfg!(feature = "cuda") {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.yaml");
+        let gpu = gpu.replace(
+            "/tmp/distil-recipe-test",
+            dir.path().join("out").to_str().unwrap(),
+        );
+        std::fs::write(&p, gpu).unwrap();
+        let (ok, out) = distil(&["run", p.to_str().unwrap()]);
+        assert!(
+            !ok && out.contains("built without the `cuda` feature"),
+            "{out}"
+        );
+    }
+}

@@ -131,7 +131,7 @@ pub fn run(loaded: &LoadedRecipe, flags: &RunFlags, stop: &AtomicBool) -> Result
             .device()?,
         None => device.clone(),
     };
-    let (teacher, report) = load_encoder(
+    let (mut teacher, report) = load_encoder(
         &teacher_dir,
         &teacher_device,
         &LoadOptions {
@@ -141,6 +141,11 @@ pub fn run(loaded: &LoadedRecipe, flags: &RunFlags, stop: &AtomicBool) -> Result
             ..Default::default()
         },
     )?;
+    // The frozen teacher runs its matmuls in the student's precision on a GPU; on the CPU
+    // (distill.teacher_device: cpu) it stays f32.
+    if !teacher.device().is_cpu() {
+        setup::mixed_precision(&mut teacher, &r.training)?;
+    }
     if flags.verbose {
         eprintln!(
             "teacher: {} ({} layers, hidden {}, {} parameters{})",
@@ -203,7 +208,7 @@ pub fn run(loaded: &LoadedRecipe, flags: &RunFlags, stop: &AtomicBool) -> Result
         };
         if generations > 1 && dir.join("eval_results.json").is_file() && flags.resume {
             // Finished in an earlier invocation: reuse.
-            let (s, _) = load_encoder(
+            let (mut s, _) = load_encoder(
                 &dir,
                 &device,
                 &LoadOptions {
@@ -211,6 +216,7 @@ pub fn run(loaded: &LoadedRecipe, flags: &RunFlags, stop: &AtomicBool) -> Result
                     ..Default::default()
                 },
             )?;
+            setup::mixed_precision(&mut s, &r.training)?;
             if flags.verbose {
                 eprintln!("generation {g}: already trained in {}", dir.display());
             }
@@ -235,7 +241,8 @@ pub fn run(loaded: &LoadedRecipe, flags: &RunFlags, stop: &AtomicBool) -> Result
         } else {
             previous.last().unwrap()
         };
-        let student = build_student(r, d, this_teacher, &device, born_again, g as u64)?;
+        let mut student = build_student(r, d, this_teacher, &device, born_again, g as u64)?;
+        setup::mixed_precision(&mut student, &r.training)?;
         if flags.verbose {
             eprintln!(
                 "generation {g}/{generations}: student {} layers, hidden {}, {} parameters ({:?} init)",
@@ -280,7 +287,7 @@ pub fn run(loaded: &LoadedRecipe, flags: &RunFlags, stop: &AtomicBool) -> Result
         });
         last_summary = Some(summary);
         if g < generations {
-            let (frozen, _) = load_encoder(
+            let (mut frozen, _) = load_encoder(
                 &dir,
                 &device,
                 &LoadOptions {
@@ -288,6 +295,7 @@ pub fn run(loaded: &LoadedRecipe, flags: &RunFlags, stop: &AtomicBool) -> Result
                     ..Default::default()
                 },
             )?;
+            setup::mixed_precision(&mut frozen, &r.training)?;
             previous.push(frozen);
         }
     }

@@ -3,7 +3,7 @@
 use super::config::{Activation, EncoderConfig, Layout};
 use super::fused;
 use super::fused::dropout::Mask;
-use super::ops::{activate, dropout, softmax_last_dim, LayerNorm, Linear};
+use super::ops::{activate, dropout, matmul_in, softmax_last_dim, LayerNorm, Linear};
 use super::params::Params;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -74,6 +74,9 @@ pub struct Encoder {
     seq_relationship: Option<Linear>,
     /// Use the fused kernels where they apply (f32 on the CPU); see [`fused`].
     fused: bool,
+    /// The dtype of the matmuls (mixed precision when not f32); see
+    /// [`Encoder::set_compute_dtype`].
+    compute: DType,
 }
 
 impl Encoder {
@@ -157,6 +160,7 @@ impl Encoder {
             head,
             seq_relationship,
             fused: true,
+            compute: DType::F32,
         })
     }
 
@@ -167,8 +171,22 @@ impl Encoder {
         self.fused = fused;
     }
 
+    /// Mixed precision: every matmul (the dense layers, the attention products and the MLM
+    /// head) takes its inputs cast to `dtype` and returns its product cast back to the
+    /// parameters' dtype (f32), so the weights, layer norms, softmax and losses stay f32 and
+    /// the gradients reach the f32 weights through the casts. `DType::F32` (the default)
+    /// turns it off. The fused CPU kernels are f32-only: any other dtype runs candle's
+    /// composed ops.
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        self.compute = dtype;
+    }
+
+    pub fn compute_dtype(&self) -> DType {
+        self.compute
+    }
+
     fn use_fused(&self, x: &Tensor) -> bool {
-        self.fused && fused::enabled_for(x)
+        self.fused && self.compute == x.dtype() && fused::enabled_for(x)
     }
 
     /// `dropout(act(x·Wᵀ + b))`, one fused node when it can be.
@@ -190,7 +208,7 @@ impl Encoder {
             let keep = x.track_op() || lin.weight.track_op() || bias.track_op();
             return fused::linear::linear(x, &lin.weight, bias, act, mask, keep);
         }
-        let mut y = lin.forward(x)?;
+        let mut y = lin.forward_in(x, self.compute)?;
         if let Some(a) = act {
             y = activate(&y, a)?;
         }
@@ -379,14 +397,13 @@ impl Encoder {
                 Ok(t.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous()?)
             };
             let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
-            let mut scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+            let mut scores = (matmul_in(&q, &k.t()?, self.compute)? / (hd as f64).sqrt())?;
             if let Some(m) = mask {
                 scores = scores.broadcast_add(m)?;
             }
             let probs = softmax_last_dim(&scores)?;
             let probs_d = dropout(&probs, cfg.attention_dropout, rng.as_deref_mut())?;
-            let ctx = probs_d
-                .matmul(&v)?
+            let ctx = matmul_in(&probs_d, &v, self.compute)?
                 .transpose(1, 2)?
                 .contiguous()?
                 .reshape((b, s, h))?;
@@ -434,7 +451,7 @@ impl Encoder {
     pub fn pooled(&self, hidden: &Tensor) -> Result<Tensor> {
         let pooler = self.pooler.as_ref().context("this model has no pooler")?;
         let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
-        Ok(pooler.forward(&cls)?.tanh()?)
+        Ok(pooler.forward_in(&cls, self.compute)?.tanh()?)
     }
 
     /// NSP / SOP logits `[batch, 2]` from the pooled output.
@@ -443,7 +460,7 @@ impl Encoder {
             .seq_relationship
             .as_ref()
             .context("this model has no next-sentence / sentence-order head")?;
-        head.forward(&self.pooled(hidden)?)
+        head.forward_in(&self.pooled(hidden)?, self.compute)
     }
 
     /// Mean of the hidden states over real tokens: sentence-transformers' mean pooling.

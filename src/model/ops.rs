@@ -20,11 +20,24 @@ pub struct Linear {
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_in(x, x.dtype())
+    }
+
+    /// [`Linear::forward`] with the matmul done in `compute` (mixed precision): `x` and `W`
+    /// are cast to it for the product, and the product back to `x`'s dtype before the bias.
+    /// The casts are differentiable, so the gradients reach the f32 weights in f32.
+    pub fn forward_in(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
         let dims = x.dims();
         let in_dim = *dims.last().unwrap();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        // The weight is cast before it is transposed, so the product reads it as stored.
+        let w = if self.weight.dtype() == compute {
+            self.weight.clone()
+        } else {
+            self.weight.to_dtype(compute)?
+        };
+        let mut y = matmul_in(&x2, &w.t()?, compute)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -32,6 +45,22 @@ impl Linear {
         *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
         Ok(y.reshape(out_dims)?)
     }
+}
+
+/// `a · b` computed in `compute` and returned in `a`'s dtype (the plain product when the
+/// dtypes agree).
+pub fn matmul_in(a: &Tensor, b: &Tensor, compute: DType) -> Result<Tensor> {
+    if a.dtype() == compute && b.dtype() == compute {
+        return Ok(a.matmul(b)?);
+    }
+    let cast = |t: &Tensor| -> Result<Tensor> {
+        Ok(if t.dtype() == compute {
+            t.clone()
+        } else {
+            t.to_dtype(compute)?
+        })
+    };
+    Ok(cast(a)?.matmul(&cast(b)?)?.to_dtype(a.dtype())?)
 }
 
 /// Layer normalisation over the last dimension, built from differentiable ops.

@@ -256,6 +256,30 @@ pub struct TrainingArgs {
     pub group_by_length: bool,
     #[serde(default)]
     pub on_nan: OnNan,
+    /// Mixed precision: the forward/backward matmuls in bfloat16; f32 master weights,
+    /// optimiser state, losses and softmax (CUDA only).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub bf16: bool,
+    /// Mixed precision in float16, with dynamic loss scaling (CUDA only).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub fp16: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+impl TrainingArgs {
+    /// The dtype of the forward/backward matmuls: `bf16` / `fp16`, else f32.
+    pub fn compute_dtype(&self) -> candle_core::DType {
+        if self.bf16 {
+            candle_core::DType::BF16
+        } else if self.fp16 {
+            candle_core::DType::F16
+        } else {
+            candle_core::DType::F32
+        }
+    }
 }
 
 fn default_batch() -> usize {
@@ -479,7 +503,24 @@ fn validate(r: &LoadedRecipe) -> Result<()> {
             return err("training.max_grad_norm", &format!("must be ≥ 0, got {c}"));
         }
     }
-    parse_device(&t.device).map_err(|e| r.error_at("training.device", e))?;
+    let device = parse_device(&t.device).map_err(|e| r.error_at("training.device", e))?;
+    if t.bf16 && t.fp16 {
+        return err(
+            "training.fp16",
+            "give either bf16 or fp16, not both (bf16 needs no loss scaling where the GPU has it)",
+        );
+    }
+    for (on, key) in [(t.bf16, "training.bf16"), (t.fp16, "training.fp16")] {
+        if on && device == DeviceSpec::Cpu {
+            return err(
+                key,
+                &format!(
+                    "mixed precision needs a CUDA device (device: {}); the CPU trains in f32",
+                    t.device
+                ),
+            );
+        }
+    }
     let m = &r.recipe.model;
     match (&m.from, &m.config) {
         (None, None) if r.recipe.task == Task::Pretrain => {

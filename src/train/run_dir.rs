@@ -20,6 +20,26 @@ pub struct TrainerState {
     pub tokens_seen: u64,
     pub skipped_nan_steps: u64,
     pub seed: u64,
+    /// fp16: the dynamic loss scale and its count of good steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<crate::train::optim::LossScaler>,
+    /// fp16: steps skipped because the scaled gradients overflowed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped_overflow_steps: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl TrainerState {
+    /// Optimiser updates actually applied (steps minus the skipped ones): AdamW's step count,
+    /// for its bias correction.
+    pub fn updates(&self) -> u64 {
+        self.step
+            .saturating_sub(self.skipped_nan_steps)
+            .saturating_sub(self.skipped_overflow_steps)
+    }
 }
 
 pub const STATE_FILE: &str = "trainer_state.json";

@@ -3,9 +3,9 @@
 use crate::data::{prepare, BatchConfig, Batcher, BertVocabOptions, Corpus, Masker, Prepared, Tok};
 use crate::model::hub::resolve;
 use crate::model::{load_encoder, Encoder, LoadOptions, Params, Parts};
-use crate::recipe::{parse_device, Recipe, TokenizerKind};
+use crate::recipe::{parse_device, Recipe, TokenizerKind, TrainingArgs};
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -176,5 +176,23 @@ pub fn model(recipe: &Recipe, tok: &Tok, device: &Device, verbose: bool) -> Resu
         (None, None) => bail!("the recipe's model section gives neither `from` nor `config`"),
     };
     tok.check_model_vocab(enc.cfg.vocab_size)?;
+    let mut enc = enc;
+    mixed_precision(&mut enc, &recipe.training)?;
     Ok(enc)
+}
+
+/// Sets the model's matmul dtype from `training.bf16` / `training.fp16` (see
+/// [`Encoder::set_compute_dtype`]); mixed precision on a CPU model is an error naming the key.
+pub fn mixed_precision(enc: &mut Encoder, args: &TrainingArgs) -> Result<()> {
+    let dtype = args.compute_dtype();
+    if dtype != DType::F32 && enc.device().is_cpu() {
+        let key = if args.bf16 {
+            "training.bf16"
+        } else {
+            "training.fp16"
+        };
+        bail!("{key}: mixed precision needs a CUDA device (device: cpu)");
+    }
+    enc.set_compute_dtype(dtype);
+    Ok(())
 }

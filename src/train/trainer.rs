@@ -4,7 +4,7 @@ use super::batch::DeviceBatch;
 use super::eval::{evaluate, EvalResult};
 use super::metrics::Metrics;
 use super::objective::{Objective, Progress};
-use super::optim::{clip_factor, global_norm, AdamW, AdamWConfig};
+use super::optim::{clip_factor, global_norm, AdamW, AdamWConfig, LossScaler};
 use super::run_dir::{read_state, RunDir, TrainerState, OPTIMIZER_FILE, STATE_FILE};
 use super::schedule::Schedule;
 use crate::data::{Batcher, Position, Tok};
@@ -104,6 +104,8 @@ impl Trainer<'_> {
             tokens_seen: 0,
             skipped_nan_steps: 0,
             seed: args.seed,
+            loss_scaler: None,
+            skipped_overflow_steps: 0,
         };
         if resume {
             if let Some((step, dir)) = run_dir.latest()? {
@@ -119,6 +121,12 @@ impl Trainer<'_> {
                 );
             }
         }
+        // fp16: dynamic loss scaling (kept in the trainer state, so resumed with the run).
+        state.loss_scaler = match (args.fp16, state.loss_scaler) {
+            (true, Some(s)) => Some(s),
+            (true, None) => Some(LossScaler::default()),
+            (false, _) => None,
+        };
         let metrics = Metrics::open(&run_dir.metrics_path(), resume.then_some(state.step))?;
         let bar = self.progress_bar(total, state.step);
         let mut batches = self.train.iter_from(state.position);
@@ -158,7 +166,11 @@ impl Trainer<'_> {
                 for (k, v) in &l.parts {
                     *parts_sum.entry(k).or_default() += v / accum as f64;
                 }
-                let g = (l.loss / accum as f64)?.backward()?;
+                let scaled = match &state.loss_scaler {
+                    None => (l.loss / accum as f64)?,
+                    Some(s) => (l.loss * (s.scale / accum as f64))?,
+                };
+                let g = scaled.backward()?;
                 for (name, var) in &vars {
                     if let Some(gv) = g.get(var.as_tensor()) {
                         let e = grads.entry(name.clone());
@@ -197,11 +209,28 @@ impl Trainer<'_> {
             }
             let norm = global_norm(&grads)?;
             let lr = args.learning_rate * schedule.factor(state.step);
-            opt.update(&grads, lr, clip_factor(norm, args.max_grad_norm))?;
+            // fp16: the gradients carry the loss scale; the norm and the update take it out.
+            let (norm, unscale) = match &state.loss_scaler {
+                Some(s) => (norm / s.scale, 1.0 / s.scale),
+                None => (norm, 1.0),
+            };
+            let applied = match state.loss_scaler.as_mut() {
+                Some(s) => s.update(norm.is_finite())?,
+                None => true,
+            };
+            if applied {
+                opt.update(&grads, lr, clip_factor(norm, args.max_grad_norm) * unscale)?;
+            }
             drop(grads);
             state.step += 1;
             bar.inc(1);
-            if state.step.is_multiple_of(args.logging_steps.max(1)) || state.step == total {
+            if !applied {
+                state.skipped_overflow_steps += 1;
+                metrics.log(&json!({
+                    "step": state.step, "skipped": "fp16 gradient overflow",
+                    "loss_scale": state.loss_scaler.map(|s| s.scale),
+                }))?;
+            } else if state.step.is_multiple_of(args.logging_steps.max(1)) || state.step == total {
                 let secs = window_start.elapsed().as_secs_f64().max(1e-9);
                 let tps = window_tokens as f64 / secs;
                 let mut m = json!({
@@ -211,6 +240,9 @@ impl Trainer<'_> {
                 });
                 for (k, v) in &parts_sum {
                     m[*k] = json!(v);
+                }
+                if let Some(s) = &state.loss_scaler {
+                    m["loss_scale"] = json!(s.scale);
                 }
                 metrics.log(&m)?;
                 bar.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {tps:.0} tok/s"));
@@ -409,7 +441,7 @@ impl Trainer<'_> {
                 v.set(&t.to_device(v.device())?)?;
             }
         }
-        opt.load_state(&st, state.step)
+        opt.load_state(&st, state.updates())
             .with_context(|| format!("{}: optimizer state does not fit the model", p.display()))?;
         Ok(state)
     }
