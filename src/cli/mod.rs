@@ -81,7 +81,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 verbose: !quiet,
             };
             let s = run::run(&recipe, &sets, &flags, &stop)?;
-            if quiet {
+            if quiet && crate::train::distributed::current()?.is_main() {
                 run::print_summary(&s);
             }
             if s.interrupted {

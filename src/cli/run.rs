@@ -2,12 +2,14 @@
 
 use crate::model::hub::{resolve_offline, Resolved};
 use crate::recipe::{self, LoadedRecipe, Task};
+use crate::train::distributed;
 use crate::train::objective::MlmObjective;
 use crate::train::run_dir::RunDir;
 use crate::train::setup;
 use crate::train::trainer::{RunSummary, Trainer};
 use crate::util::atomic_write;
 use anyhow::Result;
+use candle_core::Device;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -35,14 +37,30 @@ pub fn run(
     stop: &AtomicBool,
 ) -> Result<RunSummary> {
     let loaded = recipe::load(path, sets)?;
+    // A data-parallel rank joins the others first (WORLD_SIZE > 1), before any work.
+    crate::train::distributed::current()?;
     match loaded.recipe.task {
         Task::Pretrain => pretrain(&loaded, flags, stop),
         Task::Distill => crate::distill::run::run(&loaded, flags, stop),
     }
 }
 
-/// Opens the run directory and records the resolved recipe in it.
-pub fn open_run_dir(loaded: &LoadedRecipe, flags: &RunFlags) -> Result<RunDir> {
+/// Opens the run directory and records the resolved recipe in it. In a data-parallel run
+/// only rank 0 does (the others wait for it, then use the directory as it left it).
+pub fn open_run_dir(loaded: &LoadedRecipe, flags: &RunFlags, device: &Device) -> Result<RunDir> {
+    let dist = distributed::current()?;
+    dist.rank0_first(device, |main| {
+        if main {
+            open_run_dir_here(loaded, flags)
+        } else {
+            Ok(RunDir {
+                root: loaded.recipe.training.output_dir.clone(),
+            })
+        }
+    })
+}
+
+fn open_run_dir_here(loaded: &LoadedRecipe, flags: &RunFlags) -> Result<RunDir> {
     let t = &loaded.recipe.training;
     let dir = RunDir::open(
         &t.output_dir,
@@ -58,15 +76,28 @@ pub fn open_run_dir(loaded: &LoadedRecipe, flags: &RunFlags) -> Result<RunDir> {
 
 fn pretrain(loaded: &LoadedRecipe, flags: &RunFlags, stop: &AtomicBool) -> Result<RunSummary> {
     let r = &loaded.recipe;
-    let run_dir = open_run_dir(loaded, flags)?;
-    let tok = setup::tokenizer(r, &run_dir.root, flags.verbose)?;
+    let dist = distributed::current()?;
+    let verbose = flags.verbose && dist.is_main();
     let device = setup::device(r)?;
-    let data = setup::data(r, &tok)?;
-    if flags.verbose {
+    let run_dir = open_run_dir(loaded, flags, &device)?;
+    // Rank 0 trains (and saves) the tokenizer and builds the token cache; the others then
+    // load both.
+    let tok = dist.rank0_first(&device, |_| setup::tokenizer(r, &run_dir.root, verbose))?;
+    let data = dist.rank0_first(&device, |_| setup::data(r, &tok))?;
+    if verbose {
         report_data(&data);
     }
-    let model = setup::model(r, &tok, &device, flags.verbose)?;
-    if flags.verbose {
+    let model = setup::model(r, &tok, &device, verbose)?;
+    if verbose {
+        if dist.is_distributed() {
+            eprintln!(
+                "data-parallel over {} ranks: {} sequences a step",
+                dist.world_size,
+                dist.world_size
+                    * r.training.per_device_train_batch_size
+                    * r.training.gradient_accumulation_steps
+            );
+        }
         eprintln!(
             "model: {} layers, hidden {}, {} parameters, on {:?}",
             model.cfg.num_layers,
@@ -84,10 +115,10 @@ fn pretrain(loaded: &LoadedRecipe, flags: &RunFlags, stop: &AtomicBool) -> Resul
         objective: &MlmObjective,
         save_layout: model.cfg.layout,
         stop,
-        verbose: flags.verbose,
+        verbose,
     };
-    let summary = trainer.run(&run_dir, flags.resume)?;
-    if flags.verbose {
+    let summary = trainer.run_on(&run_dir, flags.resume, &dist)?;
+    if verbose {
         print_summary(&summary);
     }
     Ok(summary)

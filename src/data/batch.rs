@@ -365,6 +365,31 @@ impl BatchIter {
     }
 }
 
+impl BatchIter {
+    /// Steps over the next batch without building it (its masks are not drawn); returns its
+    /// position. Data-parallel ranks step over the batches other ranks take.
+    pub fn advance(&mut self) -> Option<Position> {
+        if self.batcher.batches_per_epoch() == 0 {
+            return None;
+        }
+        loop {
+            if self.plan.as_ref().map(|p| p.0) != Some(self.pos.epoch) {
+                self.plan = Some((self.pos.epoch, self.batcher.epoch_plan(self.pos.epoch)));
+            }
+            let (_, plan) = self.plan.as_ref()?;
+            if (self.pos.index as usize) < plan.len() {
+                let pos = self.pos;
+                self.pos.index += 1;
+                return Some(pos);
+            }
+            self.pos = Position {
+                epoch: self.pos.epoch + 1,
+                index: 0,
+            };
+        }
+    }
+}
+
 impl Iterator for BatchIter {
     type Item = (Position, Batch);
 

@@ -9,6 +9,7 @@ use crate::model::hub::{resolve, resolve_offline, Resolved};
 use crate::model::student::init_from_teacher;
 use crate::model::{load_encoder, Encoder, Layout, LoadOptions, Params, Parts};
 use crate::recipe::{parse_device, LoadedRecipe, Recipe};
+use crate::train::distributed;
 use crate::train::eval::{evaluate, EvalResult};
 use crate::train::run_dir::RunDir;
 use crate::train::setup;
@@ -98,13 +99,15 @@ pub struct GenerationRow {
 
 pub fn run(loaded: &LoadedRecipe, flags: &RunFlags, stop: &AtomicBool) -> Result<RunSummary> {
     let r = &loaded.recipe;
+    let dist = distributed::current()?;
+    let verbose = flags.verbose && dist.is_main();
     let d = r
         .distill
         .as_ref()
         .context("a distill recipe needs a distill section")?;
     if let Some(tr) = &d.teacher_recipe {
         if !Path::new(&d.teacher).join("config.json").is_file() {
-            if flags.verbose {
+            if verbose {
                 eprintln!(
                     "teacher {} not found: running its recipe {} first",
                     d.teacher,
@@ -126,9 +129,9 @@ pub fn run(loaded: &LoadedRecipe, flags: &RunFlags, stop: &AtomicBool) -> Result
     let device = setup::device(r)?;
     let teacher_dir = resolve(&d.teacher).map_err(|e| loaded.error_at("distill.teacher", e))?;
     let teacher_device = match &d.teacher_device {
-        Some(s) => parse_device(s)
-            .map_err(|e| loaded.error_at("distill.teacher_device", e))?
-            .device()?,
+        Some(s) => setup::other_device(
+            parse_device(s).map_err(|e| loaded.error_at("distill.teacher_device", e))?,
+        )?,
         None => device.clone(),
     };
     let (mut teacher, report) = load_encoder(
@@ -146,7 +149,7 @@ pub fn run(loaded: &LoadedRecipe, flags: &RunFlags, stop: &AtomicBool) -> Result
     if !teacher.device().is_cpu() {
         setup::mixed_precision(&mut teacher, &r.training)?;
     }
-    if flags.verbose {
+    if verbose {
         eprintln!(
             "teacher: {} ({} layers, hidden {}, {} parameters{})",
             teacher_dir.display(),
@@ -160,7 +163,7 @@ pub fn run(loaded: &LoadedRecipe, flags: &RunFlags, stop: &AtomicBool) -> Result
             }
         );
     }
-    let run_root = open_run_dir(loaded, flags)?;
+    let run_root = open_run_dir(loaded, flags, &device)?;
     let tok = if r.tokenizer.load.is_none() && r.tokenizer.train.is_none() && r.model.from.is_none()
     {
         Tok::load(&teacher_dir, &BertVocabOptions::default()).with_context(|| {
@@ -170,17 +173,18 @@ pub fn run(loaded: &LoadedRecipe, flags: &RunFlags, stop: &AtomicBool) -> Result
             )
         })?
     } else {
-        setup::tokenizer(r, &run_root.root, flags.verbose)?
+        // Rank 0 trains and saves a recipe's tokenizer; the others load it.
+        dist.rank0_first(&device, |_| setup::tokenizer(r, &run_root.root, verbose))?
     };
     tok.check_model_vocab(teacher.cfg.vocab_size)?;
-    let data = setup::data(r, &tok)?;
-    if flags.verbose {
+    let data = dist.rank0_first(&device, |_| setup::data(r, &tok))?;
+    if verbose {
         report_data(&data);
     }
     let generations = d.generations;
     let mut rows = Vec::new();
     let teacher_eval = match &data.eval {
-        Some(e) if teacher.has_mlm_head() => {
+        Some(e) if teacher.has_mlm_head() && dist.is_main() => {
             Some(evaluate(&teacher, e, r.training.max_eval_batches)?)
         }
         _ => None,
@@ -201,7 +205,7 @@ pub fn run(loaded: &LoadedRecipe, flags: &RunFlags, stop: &AtomicBool) -> Result
         } else {
             run_root.root.join(format!("generation-{g}"))
         };
-        let gen_dir = if generations == 1 {
+        let gen_dir = if generations == 1 || !dist.is_main() {
             RunDir { root: dir.clone() }
         } else {
             RunDir::open(&dir, false, true)?
@@ -217,12 +221,12 @@ pub fn run(loaded: &LoadedRecipe, flags: &RunFlags, stop: &AtomicBool) -> Result
                 },
             )?;
             setup::mixed_precision(&mut s, &r.training)?;
-            if flags.verbose {
+            if verbose {
                 eprintln!("generation {g}: already trained in {}", dir.display());
             }
             let ev = match &data.eval {
-                Some(e) => Some(evaluate(&s, e, r.training.max_eval_batches)?),
-                None => None,
+                Some(e) if dist.is_main() => Some(evaluate(&s, e, r.training.max_eval_batches)?),
+                _ => None,
             };
             rows.push(GenerationRow {
                 name: format!("generation {g}"),
@@ -243,7 +247,7 @@ pub fn run(loaded: &LoadedRecipe, flags: &RunFlags, stop: &AtomicBool) -> Result
         };
         let mut student = build_student(r, d, this_teacher, &device, born_again, g as u64)?;
         setup::mixed_precision(&mut student, &r.training)?;
-        if flags.verbose {
+        if verbose {
             eprintln!(
                 "generation {g}/{generations}: student {} layers, hidden {}, {} parameters ({:?} init)",
                 student.cfg.num_layers,
@@ -267,9 +271,9 @@ pub fn run(loaded: &LoadedRecipe, flags: &RunFlags, stop: &AtomicBool) -> Result
             objective: &objective,
             save_layout: student.cfg.layout,
             stop,
-            verbose: flags.verbose,
+            verbose,
         };
-        let summary = trainer.run(&gen_dir, flags.resume)?;
+        let summary = trainer.run_on(&gen_dir, flags.resume, &dist)?;
         if summary.interrupted {
             return Ok(summary);
         }
@@ -299,14 +303,17 @@ pub fn run(loaded: &LoadedRecipe, flags: &RunFlags, stop: &AtomicBool) -> Result
             previous.push(frozen);
         }
     }
+    let summary = last_summary.context("no generation was trained")?;
+    if !dist.is_main() {
+        return Ok(summary);
+    }
     let table = table(&rows);
     atomic_write(&run_root.root.join("comparison.md"), table.as_bytes())?;
     atomic_write(
         &run_root.root.join("comparison.json"),
         serde_json::to_string_pretty(&rows)?.as_bytes(),
     )?;
-    let summary = last_summary.context("no generation was trained")?;
-    if flags.verbose {
+    if verbose {
         print_summary(&summary);
         println!("{table}");
     }

@@ -621,8 +621,18 @@ impl DeviceSpec {
                 if !candle_core::utils::cuda_is_available() {
                     bail!("device cuda:{n} requested, but this distil was built without the `cuda` feature (cargo build --release --features cuda)");
                 }
-                candle_core::Device::new_cuda(n)
-                    .with_context(|| format!("cannot open CUDA device {n}"))
+                // One candle device per GPU in the process: tensors made on two `Device`s of
+                // the same GPU would not mix (candle tells devices apart by instance).
+                static OPEN: std::sync::Mutex<Vec<(usize, candle_core::Device)>> =
+                    std::sync::Mutex::new(Vec::new());
+                let mut open = OPEN.lock().unwrap();
+                if let Some((_, d)) = open.iter().find(|(k, _)| *k == n) {
+                    return Ok(d.clone());
+                }
+                let d = candle_core::Device::new_cuda(n)
+                    .with_context(|| format!("cannot open CUDA device {n}"))?;
+                open.push((n, d.clone()));
+                Ok(d)
             }
         }
     }

@@ -6,7 +6,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub struct Metrics {
-    path: PathBuf,
+    /// `None`: logs nothing (data-parallel ranks other than 0).
+    path: Option<PathBuf>,
 }
 
 impl Metrics {
@@ -32,17 +33,25 @@ impl Metrics {
             std::fs::remove_file(path)?;
         }
         Ok(Metrics {
-            path: path.to_path_buf(),
+            path: Some(path.to_path_buf()),
         })
     }
 
+    /// A log that writes nothing.
+    pub fn none() -> Metrics {
+        Metrics { path: None }
+    }
+
     pub fn log(&self, v: &Value) -> Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&self.path)
-            .with_context(|| format!("cannot open {}", self.path.display()))?;
-        writeln!(f, "{v}").with_context(|| format!("cannot write {}", self.path.display()))?;
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        writeln!(f, "{v}").with_context(|| format!("cannot write {}", path.display()))?;
         Ok(())
     }
 }

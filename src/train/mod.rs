@@ -1,6 +1,7 @@
 //! The training engine shared by pretraining and distillation.
 
 pub mod batch;
+pub mod distributed;
 pub mod eval;
 pub mod metrics;
 pub mod objective;

@@ -3,7 +3,8 @@
 use crate::data::{prepare, BatchConfig, Batcher, BertVocabOptions, Corpus, Masker, Prepared, Tok};
 use crate::model::hub::resolve;
 use crate::model::{load_encoder, Encoder, LoadOptions, Params, Parts};
-use crate::recipe::{parse_device, Recipe, TokenizerKind, TrainingArgs};
+use crate::recipe::{parse_device, DeviceSpec, Recipe, TokenizerKind, TrainingArgs};
+use crate::train::distributed;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use std::path::Path;
@@ -127,10 +128,32 @@ pub fn data(recipe: &Recipe, tok: &Tok) -> Result<DataSetup> {
     })
 }
 
+/// The training device: `training.device`, or each rank's `cuda:LOCAL_RANK` in a
+/// data-parallel run (which needs a CUDA device in the recipe).
 pub fn device(recipe: &Recipe) -> Result<Device> {
-    parse_device(&recipe.training.device)
-        .map_err(|e| anyhow::anyhow!("training.device: {e}"))?
-        .device()
+    let spec = parse_device(&recipe.training.device)
+        .map_err(|e| anyhow::anyhow!("training.device: {e}"))?;
+    let dist = distributed::current()?;
+    if let Some(d) = dist.device() {
+        if spec == DeviceSpec::Cpu {
+            bail!(
+                "training.device: cpu, but WORLD_SIZE={}: data-parallel training runs one process per GPU (device: cuda)",
+                dist.world_size
+            );
+        }
+        return Ok(d.clone());
+    }
+    spec.device()
+}
+
+/// A device named in a recipe besides the training one (the teacher's): in a data-parallel
+/// run a CUDA device is this rank's own GPU.
+pub fn other_device(spec: DeviceSpec) -> Result<Device> {
+    let dist = distributed::current()?;
+    match (spec, dist.device()) {
+        (DeviceSpec::Cuda(_), Some(d)) => Ok(d.clone()),
+        _ => spec.device(),
+    }
 }
 
 /// The model a pretraining recipe trains: loaded from `model.from` or built from

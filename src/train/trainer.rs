@@ -1,6 +1,7 @@
 //! The training loop shared by pretraining and distillation.
 
 use super::batch::DeviceBatch;
+use super::distributed::{next_for_rank, Dist};
 use super::eval::{evaluate, EvalResult};
 use super::metrics::Metrics;
 use super::objective::{Objective, Progress};
@@ -72,13 +73,34 @@ impl Trainer<'_> {
         v
     }
 
-    /// Runs (or resumes) training in `run_dir`.
+    /// Runs (or resumes) training in `run_dir`, data-parallel when the process was launched
+    /// as one rank of several (see [`super::distributed`]).
     pub fn run(&self, run_dir: &RunDir, resume: bool) -> Result<RunSummary> {
+        let dist = super::distributed::current()?;
+        self.run_on(run_dir, resume, &dist)
+    }
+
+    /// [`Trainer::run`] as rank `dist.rank` of `dist.world_size`: each optimiser step takes
+    /// this rank's share of the step's batches, and the gradients are averaged over the
+    /// ranks before clipping and the update. Only rank 0 writes metrics, checkpoints and the
+    /// final model, and evaluates.
+    pub fn run_on(&self, run_dir: &RunDir, resume: bool, dist: &Dist) -> Result<RunSummary> {
         let args = self.args;
-        if self.train.batches_per_epoch() == 0 {
-            bail!("the training split has no batch: the corpus is too small for the batch size");
+        let (rank, world) = (dist.rank, dist.world_size);
+        let main = dist.is_main();
+        if self.train.batches_per_epoch() < world {
+            bail!(
+                "the training split has {} batches: the corpus is too small for the batch size{}",
+                self.train.batches_per_epoch(),
+                if world > 1 {
+                    format!(" and {world} ranks")
+                } else {
+                    String::new()
+                }
+            );
         }
-        let total = total_steps(args, self.train.batches_per_epoch());
+        // An epoch is shared among the ranks.
+        let total = total_steps(args, self.train.batches_per_epoch() / world);
         let warmup = args
             .warmup_steps
             .unwrap_or((args.warmup_ratio * total as f64).ceil() as u64);
@@ -111,10 +133,10 @@ impl Trainer<'_> {
             if let Some((step, dir)) = run_dir.latest()? {
                 state = self.restore(&dir, &vars, &mut opt)?;
                 state.total_steps = total;
-                if self.verbose {
+                if self.verbose && main {
                     eprintln!("resuming from {} (step {step} of {total})", dir.display());
                 }
-            } else if self.verbose {
+            } else if self.verbose && main {
                 eprintln!(
                     "--resume: no checkpoint in {}, starting from the beginning",
                     run_dir.root.display()
@@ -127,8 +149,16 @@ impl Trainer<'_> {
             (true, None) => Some(LossScaler::default()),
             (false, _) => None,
         };
-        let metrics = Metrics::open(&run_dir.metrics_path(), resume.then_some(state.step))?;
-        let bar = self.progress_bar(total, state.step);
+        let metrics = if main {
+            Metrics::open(&run_dir.metrics_path(), resume.then_some(state.step))?
+        } else {
+            Metrics::none()
+        };
+        let bar = if main {
+            self.progress_bar(total, state.step)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
         let mut batches = self.train.iter_from(state.position);
         let device = self.model.device().clone();
         let accum = args.gradient_accumulation_steps;
@@ -147,15 +177,21 @@ impl Trainer<'_> {
             let mut loss_sum = 0f64;
             let mut parts_sum: BTreeMap<&'static str, f64> = BTreeMap::new();
             let mut finite = true;
+            let mut step_tokens = 0u64;
+            let mut consumed = 0;
             for micro in 0..accum {
-                let (_, batch) = batches.next().context("the batch stream ended")?;
+                // Rank r takes the r-th of each `world` batches of the shared stream.
+                let (_, batch) =
+                    next_for_rank(&mut batches, rank, world).context("the batch stream ended")?;
+                consumed += 1;
                 let db = DeviceBatch::new(&batch, &device)?;
-                window_tokens += db.real_tokens as u64;
-                state.tokens_seen += db.real_tokens as u64;
+                step_tokens += db.real_tokens as u64;
                 if db.masked.count == 0 {
                     continue;
                 }
-                let mut rng = step_rng(args.seed, state.step, micro);
+                // Dropout seeded by the batch's place in the step, as one process that took
+                // all `world × accum` of them in turn would seed it.
+                let mut rng = step_rng(args.seed, state.step, micro * world + rank);
                 let l = self.objective.loss(self.model, &db, progress, &mut rng)?;
                 let value = l.loss.to_scalar::<f32>()? as f64;
                 if !value.is_finite() {
@@ -186,7 +222,32 @@ impl Trainer<'_> {
                     }
                 }
             }
+            // A step stopped early by a non-finite loss still uses up its batches, so that the
+            // data position stays the same on every rank.
+            for _ in consumed..accum {
+                for _ in 0..world {
+                    batches.advance();
+                }
+            }
             state.position = batches.position();
+            let mut stop_now = self.stop.load(Ordering::SeqCst);
+            if world > 1 {
+                // Every rank takes the same decisions: the step's loss, whether any rank saw
+                // a non-finite one, the tokens read, and whether any was asked to stop.
+                let mut agreed = [
+                    loss_sum,
+                    (!finite) as u8 as f64,
+                    step_tokens as f64,
+                    stop_now as u8 as f64,
+                ];
+                dist.all_reduce_host(&mut agreed, &device)?;
+                loss_sum = agreed[0] / world as f64;
+                finite = agreed[1] == 0.0;
+                step_tokens = agreed[2].round() as u64;
+                stop_now = agreed[3] > 0.0;
+            }
+            window_tokens += step_tokens;
+            state.tokens_seen += step_tokens;
             if !finite {
                 match args.on_nan {
                     OnNan::Stop => {
@@ -207,6 +268,7 @@ impl Trainer<'_> {
                     }
                 }
             }
+            dist.average_gradients(&vars, &mut grads)?;
             let norm = global_norm(&grads)?;
             let lr = args.learning_rate * schedule.factor(state.step);
             // fp16: the gradients carry the loss scale; the norm and the update take it out.
@@ -255,7 +317,7 @@ impl Trainer<'_> {
                 window_tokens = 0;
                 window_start = Instant::now();
             }
-            if let Some(eval) = self.eval {
+            if let (Some(eval), true) = (self.eval, main) {
                 if args.eval_steps > 0
                     && state.step.is_multiple_of(args.eval_steps)
                     && state.step < total
@@ -265,11 +327,14 @@ impl Trainer<'_> {
                     last_eval = Some((state.step, r));
                 }
             }
-            let stop_now = self.stop.load(Ordering::SeqCst);
-            if (args.save_steps > 0
-                && state.step.is_multiple_of(args.save_steps)
-                && state.step < total)
-                || (stop_now && state.step < total)
+            if world == 1 {
+                stop_now = self.stop.load(Ordering::SeqCst);
+            }
+            if main
+                && ((args.save_steps > 0
+                    && state.step.is_multiple_of(args.save_steps)
+                    && state.step < total)
+                    || (stop_now && state.step < total))
             {
                 self.checkpoint(run_dir, &state, &opt)?;
             }
@@ -282,7 +347,7 @@ impl Trainer<'_> {
         let elapsed = run_start.elapsed().as_secs_f64().max(1e-9);
         let tokens_per_s = (state.tokens_seen - start_tokens) as f64 / elapsed;
         if interrupted {
-            if self.verbose {
+            if self.verbose && main {
                 eprintln!(
                     "interrupted at step {} of {total}: checkpoint written; continue with --resume",
                     state.step
@@ -296,31 +361,38 @@ impl Trainer<'_> {
                 tokens_per_s,
             });
         }
-        let final_eval = match self.eval {
-            Some(eval) => {
-                let r = match last_eval {
-                    Some((s, r)) if s == state.step => r,
-                    _ => evaluate(self.model, eval, args.max_eval_batches)?,
-                };
-                self.log_eval(&metrics, &bar, state.step, &r)?;
-                Some(r)
+        // Rank 0 evaluates and writes the final model; the others wait for it, so that what
+        // follows the run (a student loading this teacher) finds the model on disk.
+        dist.rank0_first(&device, |main| {
+            let final_eval = match (self.eval, main) {
+                (Some(eval), true) => {
+                    let r = match last_eval {
+                        Some((s, r)) if s == state.step => r,
+                        _ => evaluate(self.model, eval, args.max_eval_batches)?,
+                    };
+                    self.log_eval(&metrics, &bar, state.step, &r)?;
+                    Some(r)
+                }
+                _ => None,
+            };
+            if main {
+                // The final model, in Hugging Face layout, at the top of the output directory.
+                self.save_model(&run_dir.root)?;
+                if let Some(r) = &final_eval {
+                    atomic_write(
+                        &run_dir.root.join("eval_results.json"),
+                        serde_json::to_string_pretty(&json!({"step": state.step, "eval": r}))?
+                            .as_bytes(),
+                    )?;
+                }
             }
-            None => None,
-        };
-        // The final model, in Hugging Face layout, at the top of the output directory.
-        self.save_model(&run_dir.root)?;
-        if let Some(r) = &final_eval {
-            atomic_write(
-                &run_dir.root.join("eval_results.json"),
-                serde_json::to_string_pretty(&json!({"step": state.step, "eval": r}))?.as_bytes(),
-            )?;
-        }
-        Ok(RunSummary {
-            steps: state.step,
-            interrupted: false,
-            final_eval,
-            model_dir: run_dir.root.clone(),
-            tokens_per_s,
+            Ok(RunSummary {
+                steps: state.step,
+                interrupted: false,
+                final_eval,
+                model_dir: run_dir.root.clone(),
+                tokens_per_s,
+            })
         })
     }
 
