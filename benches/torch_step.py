@@ -42,11 +42,18 @@ tokens_per_s = batch * seq / median_s; peak_rss_mb is the process's peak residen
 the matmuls the step does (2*m*n*k each, x3 with the backward; the optimiser is not counted)
 and gflops is that over median_s. --peak also times a few --peak-size^3 fp32 torch.mm and
 reports the best as peak_gflops.
+
+--device cuda runs it on the GPU (synchronising around each timed part). --dtype bf16 runs the
+forward passes and losses under torch.autocast(bfloat16) (mixed precision, as distil's
+training.bf16: fp32 weights, gradients and AdamW state; the backward follows the forward's
+dtypes), and --peak then times bf16 matmuls. --compile wraps the encoders (teacher.bert and
+the student's distilbert / bert) in torch.compile; the warm-up steps absorb the compilation.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import resource
@@ -134,12 +141,12 @@ def student_from_teacher(teacher, student, layer_map: list[int]) -> None:
         student.vocab_projector.bias.copy_(p.bias)
 
 
-def matmul_peak(n: int, dev, sync) -> float:
-    """Best GFLOP/s of a few n x n @ n x n fp32 matmuls."""
+def matmul_peak(n: int, dev, sync, dtype=None) -> float:
+    """Best GFLOP/s of a few n x n @ n x n matmuls (fp32 unless dtype says otherwise)."""
     import torch
 
-    a = torch.randn(n, n, device=dev)
-    b = torch.randn(n, n, device=dev)
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
     a @ b
     best = float("inf")
     deadline = time.perf_counter() + 3
@@ -167,6 +174,9 @@ def main() -> int:
     ap.add_argument("--sdpa", action=argparse.BooleanOptionalAction, default=True,
                     help="attn_implementation sdpa (default) or eager (--no-sdpa)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: forward passes and losses under torch.autocast(bfloat16), fp32 weights and optimiser")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the encoders")
     ap.add_argument("--dropout", type=float, default=0.1,
                     help="hidden and attention dropout in train mode (the student's in distill mode)")
     ap.add_argument("--head-on", choices=["all", "masked"], default="all",
@@ -174,7 +184,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--no-optim", action="store_true",
                     help="train and distill modes: no optimiser step (forward + loss + backward + drop the gradients)")
-    ap.add_argument("--peak", action="store_true", help="also time an fp32 matmul for the machine's peak")
+    ap.add_argument("--peak", action="store_true", help="also time a matmul (fp32, or bf16 with --dtype bf16) for the machine's peak")
     ap.add_argument("--peak-size", type=int, default=2048)
     args = ap.parse_args()
 
@@ -242,6 +252,20 @@ def main() -> int:
     train_ids = torch.where(masked, torch.full_like(ids, mask_id), ids)
     ids, train_ids, attention_mask, labels, masked = (t.to(dev) for t in (ids, train_ids, attention_mask, labels, masked))
 
+    if args.compile:
+        if distill:
+            teacher.bert = torch.compile(teacher.bert)
+            model.distilbert = torch.compile(model.distilbert)
+        else:
+            model.bert = torch.compile(model.bert)
+    bf16 = args.dtype == "bf16"
+
+    def amp():
+        """The forward passes' context: autocast to bfloat16 with --dtype bf16."""
+        if bf16:
+            return torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     loss_val = None
     loss_parts = None
@@ -262,7 +286,7 @@ def main() -> int:
 
         def step():
             t = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), amp():
                 h = model.bert(input_ids=ids, attention_mask=attention_mask).last_hidden_state
                 t = mark("encoder", t)
                 logits = model.cls(h)
@@ -289,18 +313,20 @@ def main() -> int:
         def step():
             nonlocal loss_val, loss_parts
             t = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), amp():
                 t_last = teacher.bert(input_ids=train_ids, attention_mask=attention_mask).last_hidden_state
                 t_probs = F.softmax(teacher.cls(t_last[masked]) / T, dim=-1)
             t = mark("teacher", t)
-            s_last = model.distilbert(input_ids=train_ids, attention_mask=attention_mask).last_hidden_state
+            with amp():
+                s_last = model.distilbert(input_ids=train_ids, attention_mask=attention_mask).last_hidden_state
             t = mark("encoder", t)
-            s_logits = student_head(s_last[masked])
-            soft = F.kl_div(F.log_softmax(s_logits / T, dim=-1), t_probs, reduction="batchmean") * T**2
-            hard = F.cross_entropy(s_logits, labels[masked])
-            s_real, t_real = s_last[real], t_last[real]
-            cos = F.cosine_embedding_loss(s_real, t_real, s_real.new_ones(s_real.shape[0]))
-            loss = W_SOFT * soft + W_HARD * hard + W_COSINE * cos
+            with amp():
+                s_logits = student_head(s_last[masked])
+                soft = F.kl_div(F.log_softmax(s_logits / T, dim=-1), t_probs, reduction="batchmean") * T**2
+                hard = F.cross_entropy(s_logits, labels[masked])
+                s_real, t_real = s_last[real], t_last[real]
+                cos = F.cosine_embedding_loss(s_real, t_real, s_real.new_ones(s_real.shape[0]))
+                loss = W_SOFT * soft + W_HARD * hard + W_COSINE * cos
             t = mark("head", t)
             loss.backward()
             t = mark("backward", t)
@@ -321,14 +347,16 @@ def main() -> int:
         def step():
             nonlocal loss_val
             t = time.perf_counter()
-            h = model.bert(input_ids=train_ids, attention_mask=attention_mask).last_hidden_state
+            with amp():
+                h = model.bert(input_ids=train_ids, attention_mask=attention_mask).last_hidden_state
             t = mark("encoder", t)
-            if args.head_on == "all":
-                logits = model.cls(h)
-                loss = ce(logits.view(-1, vocab), labels.view(-1))
-            else:
-                logits = model.cls(h[masked])
-                loss = ce(logits, labels[masked])
+            with amp():
+                if args.head_on == "all":
+                    logits = model.cls(h)
+                    loss = ce(logits.view(-1, vocab), labels.view(-1))
+                else:
+                    logits = model.cls(h[masked])
+                    loss = ce(logits, labels[masked])
             t = mark("head", t)
             loss.backward()
             t = mark("backward", t)
@@ -380,6 +408,8 @@ def main() -> int:
         "threads": torch.get_num_threads(),
         "attn": attn,
         "device": str(dev),
+        "dtype": args.dtype,
+        "compile": args.compile,
         "params": sum(p.numel() for p in model.parameters()),
         "torch": torch.__version__,
         "transformers": tf.__version__,
@@ -401,7 +431,7 @@ def main() -> int:
         out.update(temperature=TEMPERATURE, loss=f"{W_SOFT:g}*soft + {W_HARD:g}*hard + {W_COSINE:g}*cosine")
         out.update({k: round(float(v), 6) for k, v in zip(("loss_soft", "loss_hard", "loss_cosine"), loss_parts)})
     if args.peak:
-        peak = matmul_peak(args.peak_size, dev, sync)
+        peak = matmul_peak(args.peak_size, dev, sync, torch.bfloat16 if bf16 else None)
         out.update(peak_gflops=round(peak, 1), peak_size=args.peak_size,
                    pct_of_peak=round(100 * flops / median_s / 1e9 / peak, 1))
     if dev.type == "cuda":

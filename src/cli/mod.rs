@@ -1,7 +1,9 @@
 //! The `distil` command line.
 
+pub mod bench;
 pub mod eval;
 pub mod inspect;
+pub mod parity;
 pub mod report;
 pub mod run;
 pub mod tokenizer;
@@ -63,6 +65,13 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Draw a run's loss, learning-rate and evaluation curves and print a summary.
     Report(report::ReportArgs),
+    /// Check the encoder against transformers' outputs and gradients on fixture models
+    /// (tests/fixtures/*), on a given device and matmul precision (exit status 1 on a
+    /// difference over the tolerance).
+    Parity(parity::ParityArgs),
+    /// Time one DistilBERT-style distillation step on a given device and matmul precision
+    /// (one JSON line, as benches/torch_step.py prints).
+    BenchStep(bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -106,6 +115,16 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Report(args) => {
             print!("{}", report::run(&args)?);
+        }
+        Command::Parity(args) => {
+            let (text, ok) = parity::run(&args)?;
+            print!("{text}");
+            if !ok {
+                std::process::exit(1);
+            }
+        }
+        Command::BenchStep(args) => {
+            println!("{}", bench::run(&args)?);
         }
     }
     Ok(())
