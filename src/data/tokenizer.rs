@@ -324,6 +324,7 @@ impl Tok {
         }
         let mut trainer: TrainerWrapper = builder.build().into();
         train_on_corpus(&mut tk, &mut trainer, corpus, &name)?;
+        let tk = canonical_wordpiece_ids(tk, &specials, &name)?;
         // The post-processor needs the final ids.
         let tk = bert_pipeline_on(tk, &name)?;
         let tok = Tok::from_tokenizer(tk, name.clone())?;
@@ -725,6 +726,34 @@ fn bert_pipeline(wp: WordPiece, opts: &BertVocabOptions, name: &str) -> Result<T
     tk.add_special_tokens(specials.iter().cloned())
         .map_err(|e| DataError::tokenizer(name, e))?;
     bert_pipeline_on(tk, name)
+}
+
+/// Renumbers a trained WordPiece vocabulary: the special tokens keep their ids, every other
+/// piece gets the next id in byte order of its text. The trainer breaks ties between pieces
+/// in hash-map order, which changes from process to process, so the same corpus and recipe
+/// gave some pieces different ids on every run (and a seeded run different numbers). A
+/// WordPiece model only looks pieces up by text, so the renumbering changes no tokenisation.
+fn canonical_wordpiece_ids(tk: Tokenizer, specials: &[String], name: &str) -> Result<Tokenizer> {
+    let vocab = tk.get_model().get_vocab();
+    let mut rest: Vec<&String> = vocab.keys().filter(|k| !specials.contains(k)).collect();
+    rest.sort();
+    let mut canonical: HashMap<String, u32> = HashMap::new();
+    for (i, t) in specials.iter().chain(rest.into_iter()).enumerate() {
+        canonical.insert(t.clone(), i as u32);
+    }
+    let wp = WordPiece::builder()
+        .vocab(
+            canonical
+                .into_iter()
+                .collect::<ahash::AHashMap<String, u32>>(),
+        )
+        .unk_token("[UNK]".into())
+        .continuing_subword_prefix("##".into())
+        .build()
+        .map_err(|e| DataError::tokenizer(name, e))?;
+    let mut tk = tk;
+    tk.with_model(wp);
+    Ok(tk)
 }
 
 fn bert_pipeline_on(mut tk: Tokenizer, name: &str) -> Result<Tokenizer> {
