@@ -738,7 +738,7 @@ fn canonical_wordpiece_ids(tk: Tokenizer, specials: &[String], name: &str) -> Re
     let mut rest: Vec<&String> = vocab.keys().filter(|k| !specials.contains(k)).collect();
     rest.sort();
     let mut canonical: HashMap<String, u32> = HashMap::new();
-    for (i, t) in specials.iter().chain(rest.into_iter()).enumerate() {
+    for (i, t) in specials.iter().chain(rest).enumerate() {
         canonical.insert(t.clone(), i as u32);
     }
     let wp = WordPiece::builder()
