@@ -1,6 +1,14 @@
-//! A tiny BERT pretrained for a few hundred steps on real text (two of the embedded plays)
-//! (a 300-piece WordPiece vocabulary trained by the test) reaches a held-out perplexity well
-//! below the unigram baseline on the same masked tokens.
+//! A tiny BERT pretrained for 2000 steps on real text (two of the embedded plays, a 300-piece
+//! WordPiece vocabulary trained by the test) reaches a held-out perplexity far below the
+//! unigram baseline on the same masked tokens.
+//!
+//! Why blocks of 8 tokens: with 64-token blocks this model (and `BertForMaskedLM` in PyTorch,
+//! `scripts/pretrain_reference.py`, the same numbers) stays on the unigram plateau for
+//! thousands of steps: its attention stays uniform, so a masked piece is predicted from the
+//! bag of the block's pieces, and the only gain over unigram comes from the 10% of masked
+//! positions that show the original token. Learning which neighbour sits where takes a tiny
+//! BERT far longer than this test may run; with 8 positions it learns it within 2000 steps
+//! (same tokens per step: 128 × 8 instead of 16 × 64).
 
 use distil::recipe;
 use distil::train::batch::DeviceBatch;
@@ -23,7 +31,7 @@ model:
     num_hidden_layers: 2
     num_attention_heads: 4
     intermediate_size: 256
-    max_position_embeddings: 64
+    max_position_embeddings: 8
 tokenizer:
   train:
     vocab_size: 300
@@ -31,18 +39,18 @@ data:
   corpus:
     paths: [{root}/data/shakespeare/tempest.txt, {root}/data/shakespeare/macbeth.txt]
   sequences:
-    block_size: 64
+    block_size: 8
     eval_fraction: 0.1
   cache_dir: {tmp}/cache
 training:
   output_dir: {tmp}/run
-  per_device_train_batch_size: 16
-  learning_rate: 3.0e-3
+  per_device_train_batch_size: 128
+  learning_rate: 2.0e-3
   weight_decay: 0.01
   warmup_ratio: 0.05
-  max_steps: 600
-  logging_steps: 100
-  eval_steps: 200
+  max_steps: 2000
+  logging_steps: 500
+  eval_steps: 1000
   seed: 1
 ",
         root = root.display(),
@@ -94,13 +102,12 @@ training:
         e.masked_tokens, n,
         "the baseline saw the same masked tokens"
     );
-    // Measured (seed 1, 600 steps): unigram 131.7, model 101.9 (0.77×). Asserted with
-    // margin. This model and budget are small: the gap widens with training (a Post-LN BERT
-    // first learns the unigram distribution, then context; PyTorch does exactly the same on
-    // these batches, see the closing note of the session that wrote this test).
+    // Measured (seed 1, 2000 steps, deterministic tokenizer): model 26.5 against a unigram
+    // baseline of 128.1 (0.21×); other seeds gave 0.17–0.30× (see the closing note of the
+    // session that set this up). Asserted with margin.
     assert!(unigram_ppl > 100.0, "unigram baseline {unigram_ppl}");
     assert!(
-        e.perplexity < 0.85 * unigram_ppl,
+        e.perplexity < 0.4 * unigram_ppl,
         "perplexity {} is not far below the unigram baseline {unigram_ppl}",
         e.perplexity
     );
