@@ -53,6 +53,9 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, ValueEnum};
+// The batch generator, FLOP count and median shared with `distil bench-step`; torch_step.py
+// computes the same batch.
+use distil::cli::bench::{forward_matmul_flops, median, shared_batch};
 use distil::loss::{cosine_loss, cross_entropy, masked_positions, soft_kl, teacher_probs};
 use distil::model::student::init_from_teacher;
 use distil::model::{Encoder, EncoderConfig, EncoderInput, ForwardOptions, Layout, Params, Parts};
@@ -139,64 +142,11 @@ const W_SOFT: f64 = 5.0;
 const W_HARD: f64 = 2.0;
 const W_COSINE: f64 = 1.0;
 
-/// Distill mode's batch: `tokens` ids in `low..vocab` and `n_masked` distinct masked
-/// positions (sorted), from one splitmix64 stream (seed 0). torch_step.py's `shared_batch`
-/// computes the same, so both sides see the same batch.
-fn shared_batch(tokens: usize, vocab: u64, low: u64, n_masked: usize) -> (Vec<u32>, Vec<usize>) {
-    let mut state = 0u64;
-    let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    let ids = (0..tokens)
-        .map(|_| (low + next() % (vocab - low)) as u32)
-        .collect();
-    // The masked positions: the n_masked smallest of one draw per position (ties by position).
-    let mut keyed: Vec<(u64, usize)> = (0..tokens).map(|p| (next(), p)).collect();
-    keyed.sort_unstable();
-    let mut masked: Vec<usize> = keyed[..n_masked].iter().map(|&(_, p)| p).collect();
-    masked.sort_unstable();
-    (ids, masked)
-}
-
-/// Matmul FLOPs of one forward pass: every transformer layer over `batch * seq` tokens,
-/// then the MLM head (dense h×h and the vocabulary projection) over `head_rows` rows.
-/// Keep in step with `matmul_flops` in torch_step.py.
-fn forward_matmul_flops(cfg: &EncoderConfig, batch: usize, seq: usize, head_rows: usize) -> f64 {
-    let (b, s) = (batch as f64, seq as f64);
-    let (h, f, v) = (
-        cfg.hidden_size as f64,
-        cfg.intermediate_size as f64,
-        cfg.vocab_size as f64,
-    );
-    let t = b * s;
-    let per_layer = 2.0 * t * h * h * 4.0 // query, key, value, attention output
-        + 2.0 * t * h * f * 2.0 // intermediate, output
-        + 2.0 * b * s * s * h * 2.0; // scores q·kᵀ and probs·v, over all heads
-    let rows = head_rows as f64;
-    let head = 2.0 * rows * h * h + 2.0 * rows * h * v;
-    cfg.num_layers as f64 * per_layer + head
-}
-
 fn vm_hwm_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
-}
-
-fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 fn round(x: f64, digits: i32) -> f64 {

@@ -117,7 +117,8 @@ pub fn forward_matmul_flops(
     cfg.num_layers as f64 * per_layer + 2.0 * rows * h * h + 2.0 * rows * h * v
 }
 
-fn median(xs: &[f64]) -> f64 {
+/// The median of `xs` (the mean of the middle two for an even count).
+pub fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
