@@ -7,18 +7,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release
 D=./target/release/distil
-# Stage 1 (skipped when runs/wiki/teacher exists) and the distilled student.
+# Stage 1 (skipped when runs/wiki2/teacher exists) and the distilled student.
 $D run recipes/wiki-student.yaml --resume
 # Baselines: the same student, the same batches (same seed), MLM loss only.
 $D run recipes/wiki-student.yaml --resume \
-  --set training.output_dir=runs/wiki/student-mlm-only \
+  --set training.output_dir=runs/wiki2/student-mlm-only \
   --set distill.losses.soft=0 --set distill.losses.cosine=0 --set distill.losses.hard=1
 $D run recipes/wiki-student.yaml --resume \
-  --set training.output_dir=runs/wiki/student-mlm-only-random-init \
+  --set training.output_dir=runs/wiki2/student-mlm-only-random-init \
   --set distill.student_init=random \
   --set distill.losses.soft=0 --set distill.losses.cosine=0 --set distill.losses.hard=1
 # All four on the same held-out text and masks.
-$D eval runs/wiki/teacher runs/wiki/student-distilled runs/wiki/student-mlm-only \
-  runs/wiki/student-mlm-only-random-init \
+$D eval runs/wiki2/teacher runs/wiki2/student-distilled runs/wiki2/student-mlm-only \
+  runs/wiki2/student-mlm-only-random-init \
   --data ../shared/corpora/en/wikipedia-leads.txt --block-size 128 --eval-fraction 0.02 \
   --max-batches 40 --batch-size 16 --json experiments/wiki-distill.json
