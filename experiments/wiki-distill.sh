@@ -17,8 +17,12 @@ $D run recipes/wiki-student.yaml --resume \
   --set training.output_dir=runs/wiki2/student-mlm-only-random-init \
   --set distill.student_init=random \
   --set distill.losses.soft=0 --set distill.losses.cosine=0 --set distill.losses.hard=1
-# All four on the same held-out text and masks.
+# The same student from random initialisation, distilled (against the random-init MLM baseline).
+$D run recipes/wiki-student.yaml --resume \
+  --set training.output_dir=runs/wiki2/student-distilled-random-init \
+  --set distill.student_init=random
+# All five on the same held-out text and masks.
 $D eval runs/wiki2/teacher runs/wiki2/student-distilled runs/wiki2/student-mlm-only \
-  runs/wiki2/student-mlm-only-random-init \
+  runs/wiki2/student-distilled-random-init runs/wiki2/student-mlm-only-random-init \
   --data ../shared/corpora/en/wikipedia-leads.txt --block-size 128 --eval-fraction 0.02 \
   --max-batches 40 --batch-size 16 --json experiments/wiki-distill.json
