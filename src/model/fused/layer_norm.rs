@@ -96,6 +96,52 @@ fn backward_rows(
     }
 }
 
+/// `LN(x [+ res])` over all rows, in parallel.
+fn forward_all(x: &[f32], res: Option<&[f32]>, g: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
+    let h = g.len();
+    let mut y = x.to_vec();
+    let per = rows_per_chunk(x.len() / h) * h;
+    match res {
+        Some(r) => y
+            .par_chunks_mut(per)
+            .zip(r.par_chunks(per))
+            .for_each(|(yc, rc)| forward_rows(yc, Some(rc), g, b, eps)),
+        None => y
+            .par_chunks_mut(per)
+            .for_each(|yc| forward_rows(yc, None, g, b, eps)),
+    }
+    y
+}
+
+/// The backward over all rows: `(dx, dγ, dβ)`, the parameter gradients summed over fixed
+/// row blocks in block order (deterministic).
+fn backward_all(
+    x: &[f32],
+    res: Option<&[f32]>,
+    dy: &[f32],
+    gamma: &[f32],
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let h = gamma.len();
+    let block = REDUCE_ROWS * h;
+    let mut dx = vec![0f32; x.len()];
+    let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(block)
+        .zip(x.par_chunks(block))
+        .zip(dy.par_chunks(block))
+        .enumerate()
+        .map(|(i, ((dxc, xc), dyc))| {
+            let rc = res.map(|r| &r[i * block..i * block + xc.len()]);
+            let mut dg = vec![0f32; h];
+            let mut db = vec![0f32; h];
+            backward_rows(dxc, xc, rc, dyc, gamma, &mut dg, &mut db, eps);
+            (dg, db)
+        })
+        .collect();
+    let (dgs, dbs): (Vec<_>, Vec<_>) = partial.into_iter().unzip();
+    (dx, sum_in_order(dgs, h), sum_in_order(dbs, h))
+}
+
 impl CustomOp3 for LayerNormOp {
     fn name(&self) -> &'static str {
         "fused-layer-norm"
@@ -121,11 +167,10 @@ impl CustomOp3 for LayerNormOp {
                 b.len()
             )));
         }
-        let mut y = x.to_vec();
-        let per = rows_per_chunk(x.len() / h) * h;
-        y.par_chunks_mut(per)
-            .for_each(|yc| forward_rows(yc, None, g, b, self.eps));
-        Ok((cpu_out(y), xl.shape().clone()))
+        Ok((
+            cpu_out(forward_all(x, None, g, b, self.eps)),
+            xl.shape().clone(),
+        ))
     }
 
     fn bwd(
@@ -138,28 +183,12 @@ impl CustomOp3 for LayerNormOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let h = g.elem_count();
         let (xr, gr, dyr) = (Read::new(x)?, Read::new(g)?, Read::new(grad)?);
-        let mut dx = vec![0f32; x.elem_count()];
-        let partial: Vec<(Vec<f32>, Vec<f32>)> = xr.with(|x| {
-            gr.with(|gamma| {
-                dyr.with(|dy| {
-                    dx.par_chunks_mut(REDUCE_ROWS * h)
-                        .zip(x.par_chunks(REDUCE_ROWS * h))
-                        .zip(dy.par_chunks(REDUCE_ROWS * h))
-                        .map(|((dxc, xc), dyc)| {
-                            let mut dg = vec![0f32; h];
-                            let mut db = vec![0f32; h];
-                            backward_rows(dxc, xc, None, dyc, gamma, &mut dg, &mut db, self.eps);
-                            (dg, db)
-                        })
-                        .collect()
-                })
-            })
-        });
-        let (dgs, dbs): (Vec<_>, Vec<_>) = partial.into_iter().unzip();
+        let (dx, dg, db) =
+            xr.with(|x| gr.with(|gamma| dyr.with(|dy| backward_all(x, None, dy, gamma, self.eps))));
         Ok((
             Some(tensor(dx, x.dims())?),
-            Some(tensor(sum_in_order(dgs, h), &[h])?),
-            Some(tensor(sum_in_order(dbs, h), &[h])?),
+            Some(tensor(dg, &[h])?),
+            Some(tensor(db, &[h])?),
         ))
     }
 }
@@ -197,12 +226,10 @@ impl CustomOp3 for ResidualLayerNormOp {
             )));
         }
         let (g, b) = p.split_at(h);
-        let mut y = a.to_vec();
-        let per = rows_per_chunk(a.len() / h) * h;
-        y.par_chunks_mut(per)
-            .zip(r.par_chunks(per))
-            .for_each(|(yc, rc)| forward_rows(yc, Some(rc), g, b, self.eps));
-        Ok((cpu_out(y), al.shape().clone()))
+        Ok((
+            cpu_out(forward_all(a, Some(r), g, b, self.eps)),
+            al.shape().clone(),
+        ))
     }
 
     fn bwd(
@@ -220,39 +247,10 @@ impl CustomOp3 for ResidualLayerNormOp {
             Read::new(p)?,
             Read::new(grad)?,
         );
-        let mut dx = vec![0f32; a.elem_count()];
-        let partial: Vec<(Vec<f32>, Vec<f32>)> = ar.with(|a| {
-            rr.with(|r| {
-                pr.with(|p| {
-                    dyr.with(|dy| {
-                        let gamma = &p[..h];
-                        dx.par_chunks_mut(REDUCE_ROWS * h)
-                            .zip(a.par_chunks(REDUCE_ROWS * h))
-                            .zip(r.par_chunks(REDUCE_ROWS * h))
-                            .zip(dy.par_chunks(REDUCE_ROWS * h))
-                            .map(|(((dxc, ac), rc), dyc)| {
-                                let mut dg = vec![0f32; h];
-                                let mut db = vec![0f32; h];
-                                backward_rows(
-                                    dxc,
-                                    ac,
-                                    Some(rc),
-                                    dyc,
-                                    gamma,
-                                    &mut dg,
-                                    &mut db,
-                                    self.eps,
-                                );
-                                (dg, db)
-                            })
-                            .collect()
-                    })
-                })
-            })
+        let (dx, mut dp, db) = ar.with(|a| {
+            rr.with(|r| pr.with(|p| dyr.with(|dy| backward_all(a, Some(r), dy, &p[..h], self.eps))))
         });
-        let (dgs, dbs): (Vec<_>, Vec<_>) = partial.into_iter().unzip();
-        let mut dp = sum_in_order(dgs, h);
-        dp.extend(sum_in_order(dbs, h));
+        dp.extend(db);
         let dx = tensor(dx, a.dims())?;
         Ok((Some(dx.clone()), Some(dx), Some(tensor(dp, &[2, h])?)))
     }
