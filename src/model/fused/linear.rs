@@ -97,55 +97,71 @@ impl CustomOp3 for LinearOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (rows, inp, out) = self.dims(x.layout(), w.layout())?;
         let g = Read::new(grad)?;
-        let mut gp = g.with(|g| g.to_vec());
-        let per = rows_per_chunk(rows);
-        if let Some(a) = self.act {
-            let pre = self.pre.lock().unwrap();
-            let pre = pre.as_ref().ok_or_else(|| {
-                candle_core::Error::Msg("fused linear: backward of an op run without keep".into())
-            })?;
-            gp.par_chunks_mut(per * out)
-                .zip(pre.par_chunks(per * out))
-                .for_each(|(g, p)| act_grad_mul(a, g, p));
-        }
-        if let Some(m) = &self.mask {
-            gp.par_chunks_mut(per * out)
-                .enumerate()
-                .for_each(|(i, c)| m.apply(c, i * per * out));
-        }
-        let xr = Read::new(x)?;
-        let wr = Read::new(w)?;
-        let mut dx = vec![0f32; rows * inp];
-        let mut dw = vec![0f32; out * inp];
-        wr.with(|w| {
-            gemm(
-                &mut dx,
-                inp,
-                Mat::rm(&gp, rows, out),
-                Mat::rm(w, out, inp),
-                Acc::Overwrite,
-                1.0,
-                threads(),
-            )
-        });
-        xr.with(|x| {
-            gemm(
-                &mut dw,
-                inp,
-                Mat::rm(&gp, rows, out).t(),
-                Mat::rm(x, rows, inp),
-                Acc::Overwrite,
-                1.0,
-                threads(),
-            )
-        });
-        let db = column_sums(&gp, out);
+        let (xr, wr) = (Read::new(x)?, Read::new(w)?);
+        let grads = |gp: &[f32]| xr.with(|x| wr.with(|w| linear_grads(gp, x, w, rows, inp, out)));
+        let (dx, dw, db) = if self.act.is_none() && self.mask.is_none() {
+            // g' = g: no copy.
+            g.with(grads)
+        } else {
+            let mut gp = g.with(|g| g.to_vec());
+            let per = rows_per_chunk(rows);
+            if let Some(a) = self.act {
+                let pre = self.pre.lock().unwrap();
+                let pre = pre.as_ref().ok_or_else(|| {
+                    candle_core::Error::Msg(
+                        "fused linear: backward of an op run without keep".into(),
+                    )
+                })?;
+                gp.par_chunks_mut(per * out)
+                    .zip(pre.par_chunks(per * out))
+                    .for_each(|(g, p)| act_grad_mul(a, g, p));
+            }
+            if let Some(m) = &self.mask {
+                gp.par_chunks_mut(per * out)
+                    .enumerate()
+                    .for_each(|(i, c)| m.apply(c, i * per * out));
+            }
+            grads(&gp)
+        };
         Ok((
             Some(tensor(dx, x.dims())?),
             Some(tensor(dw, w.dims())?),
             Some(tensor(db, &[out])?),
         ))
     }
+}
+
+/// `dx = g'·W`, `dW = g'ᵀ·x`, `db = Σ_rows g'` for `g'` `[rows, out]`.
+fn linear_grads(
+    gp: &[f32],
+    x: &[f32],
+    w: &[f32],
+    rows: usize,
+    inp: usize,
+    out: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut dx = vec![0f32; rows * inp];
+    let mut dw = vec![0f32; out * inp];
+    let g = Mat::rm(gp, rows, out);
+    gemm(
+        &mut dx,
+        inp,
+        g,
+        Mat::rm(w, out, inp),
+        Acc::Overwrite,
+        1.0,
+        threads(),
+    );
+    gemm(
+        &mut dw,
+        inp,
+        g.t(),
+        Mat::rm(x, rows, inp),
+        Acc::Overwrite,
+        1.0,
+        threads(),
+    );
+    (dx, dw, column_sums(gp, out))
 }
 
 /// `dropout(act(x · Wᵀ + b))` for `x` `[.., in]`, `W` `[out, in]`, `b` `[out]` (f32, CPU).
