@@ -32,11 +32,7 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
         // The weight is cast before it is transposed, so the product reads it as stored.
-        let w = if self.weight.dtype() == compute {
-            self.weight.clone()
-        } else {
-            self.weight.to_dtype(compute)?
-        };
+        let w = self.weight.to_dtype(compute)?;
         let mut y = matmul_in(&x2, &w.t()?, compute)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
@@ -50,17 +46,10 @@ impl Linear {
 /// `a · b` computed in `compute` and returned in `a`'s dtype (the plain product when the
 /// dtypes agree).
 pub fn matmul_in(a: &Tensor, b: &Tensor, compute: DType) -> Result<Tensor> {
-    if a.dtype() == compute && b.dtype() == compute {
-        return Ok(a.matmul(b)?);
-    }
-    let cast = |t: &Tensor| -> Result<Tensor> {
-        Ok(if t.dtype() == compute {
-            t.clone()
-        } else {
-            t.to_dtype(compute)?
-        })
-    };
-    Ok(cast(a)?.matmul(&cast(b)?)?.to_dtype(a.dtype())?)
+    // `to_dtype` to the tensor's own dtype returns the tensor itself (no copy, no node).
+    Ok(a.to_dtype(compute)?
+        .matmul(&b.to_dtype(compute)?)?
+        .to_dtype(a.dtype())?)
 }
 
 /// Layer normalisation over the last dimension, built from differentiable ops.
