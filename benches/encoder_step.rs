@@ -55,10 +55,12 @@ use candle_core::{DType, Device, Tensor};
 use clap::{Parser, ValueEnum};
 // The batch generator, FLOP count and median shared with `distil bench-step`; torch_step.py
 // computes the same batch.
-use distil::cli::bench::{forward_matmul_flops, median, shared_batch};
+use distil::cli::bench::{
+    distilbert_student_config, forward_matmul_flops, mask_batch, median, shared_batch,
+};
 use distil::loss::{cosine_loss, cross_entropy, masked_positions, soft_kl, teacher_probs};
 use distil::model::student::init_from_teacher;
-use distil::model::{Encoder, EncoderConfig, EncoderInput, ForwardOptions, Layout, Params, Parts};
+use distil::model::{Encoder, EncoderConfig, EncoderInput, ForwardOptions, Params, Parts};
 use distil::train::optim::{AdamW, AdamWConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -231,10 +233,7 @@ fn main() -> Result<()> {
         if student_layers == 0 || student_layers > layers {
             bail!("--student-layers must be 1 to {layers}");
         }
-        let mut scfg = cfg.clone();
-        scfg.layout = Layout::DistilBert;
-        scfg.num_layers = student_layers;
-        scfg.type_vocab_size = 0;
+        let scfg = distilbert_student_config(&cfg, student_layers);
         let sparams = init_from_teacher(&teacher, &scfg, None, 0)?;
         (Some(teacher), Encoder::new(scfg, sparams)?)
     } else {
@@ -260,12 +259,7 @@ fn main() -> Result<()> {
         let masked = rand::seq::index::sample(&mut rng, tokens, n_masked).into_vec();
         (ids, masked)
     };
-    let mut labels = vec![-100i64; tokens];
-    let mut train_ids = ids.clone();
-    for p in masked {
-        labels[p] = ids[p] as i64;
-        train_ids[p] = 103;
-    }
+    let (labels, train_ids) = mask_batch(&ids, &masked);
     let targets = masked_positions(&labels, &dev)?;
     let input_ids = Tensor::from_vec(if train { train_ids } else { ids }, (b, s), &dev)?;
     let attention_mask = Tensor::ones((b, s), DType::U32, &dev)?;

@@ -98,6 +98,26 @@ pub fn shared_batch(
     (ids, masked)
 }
 
+/// The bench's DistilBERT-style student of `teacher`'s width with `layers` layers.
+pub fn distilbert_student_config(teacher: &EncoderConfig, layers: usize) -> EncoderConfig {
+    let mut c = teacher.clone();
+    c.layout = Layout::DistilBert;
+    c.num_layers = layers;
+    c.type_vocab_size = 0;
+    c
+}
+
+/// MLM labels (-100 where not masked) and the ids with `[MASK]` (103) at `masked`.
+pub fn mask_batch(ids: &[u32], masked: &[usize]) -> (Vec<i64>, Vec<u32>) {
+    let mut labels = vec![-100i64; ids.len()];
+    let mut train_ids = ids.to_vec();
+    for &p in masked {
+        labels[p] = ids[p] as i64;
+        train_ids[p] = 103;
+    }
+    (labels, train_ids)
+}
+
 /// Matmul FLOPs of one forward pass (torch_step.py's `matmul_flops`).
 pub fn forward_matmul_flops(
     cfg: &EncoderConfig,
@@ -186,10 +206,7 @@ pub fn run(args: &BenchArgs) -> Result<Value> {
     if student_layers == 0 || student_layers > layers {
         bail!("--student-layers must be 1 to {layers}");
     }
-    let mut scfg = cfg.clone();
-    scfg.layout = Layout::DistilBert;
-    scfg.num_layers = student_layers;
-    scfg.type_vocab_size = 0;
+    let mut scfg = distilbert_student_config(&cfg, student_layers);
     scfg.hidden_dropout = 0.1;
     scfg.attention_dropout = 0.1;
     let mut student = Encoder::new(scfg.clone(), init_from_teacher(&teacher, &scfg, None, 0)?)?;
@@ -200,12 +217,7 @@ pub fn run(args: &BenchArgs) -> Result<Value> {
     let low = if vocab > 2000 { 1000 } else { 5 };
     let n_masked = ((tokens as f64 * 0.15).round() as usize).max(1);
     let (ids, masked) = shared_batch(tokens, vocab as u64, low as u64, n_masked);
-    let mut labels = vec![-100i64; tokens];
-    let mut train_ids = ids.clone();
-    for p in masked {
-        labels[p] = ids[p] as i64;
-        train_ids[p] = 103;
-    }
+    let (labels, train_ids) = mask_batch(&ids, &masked);
     let targets = masked_positions(&labels, &dev)?;
     let input_ids = Tensor::from_vec(train_ids, (b, s), &dev)?;
     let attention_mask = Tensor::ones((b, s), DType::U32, &dev)?;
