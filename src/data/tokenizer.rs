@@ -737,16 +737,14 @@ fn canonical_wordpiece_ids(tk: Tokenizer, specials: &[String], name: &str) -> Re
     let vocab = tk.get_model().get_vocab();
     let mut rest: Vec<&String> = vocab.keys().filter(|k| !specials.contains(k)).collect();
     rest.sort();
-    let mut canonical: HashMap<String, u32> = HashMap::new();
-    for (i, t) in specials.iter().chain(rest).enumerate() {
-        canonical.insert(t.clone(), i as u32);
-    }
+    let canonical: ahash::AHashMap<String, u32> = specials
+        .iter()
+        .chain(rest)
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
     let wp = WordPiece::builder()
-        .vocab(
-            canonical
-                .into_iter()
-                .collect::<ahash::AHashMap<String, u32>>(),
-        )
+        .vocab(canonical)
         .unk_token("[UNK]".into())
         .continuing_subword_prefix("##".into())
         .build()
