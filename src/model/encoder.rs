@@ -35,6 +35,14 @@ pub struct EncoderOutput {
     pub attentions: Vec<Tensor>,
 }
 
+/// The padding mask in the form the chosen attention takes.
+enum AttentionMask {
+    /// Fused CPU attention: 1 for each key that may be attended to, `[batch * seq]`.
+    Keys(Option<Arc<Vec<u8>>>),
+    /// candle's composed attention: added to the scores, `[batch, 1, 1, seq]`.
+    Additive(Option<Tensor>),
+}
+
 struct Embeddings {
     word: Tensor,
     position: Tensor,
@@ -292,20 +300,24 @@ impl Encoder {
         if let Some(p) = &self.emb.projection {
             x = self.dense(p, &x, None, 0.0, None)?;
         }
-        // The fused attention takes the padding mask as one flag a key.
-        let key_mask = match input.attention_mask {
-            Some(m) if self.use_fused(&x) && !opts.attentions => Some(Arc::new(
-                m.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()?,
-            )),
-            _ => None,
-        };
-        // Additive mask [b, 1, 1, s]: 0 on tokens, the dtype's minimum on padding.
-        let mask = match input.attention_mask {
-            Some(m) => {
-                let m = m.to_dtype(x.dtype())?;
-                Some(((1.0 - m)? * f32::MIN as f64)?.reshape((b, 1, 1, s))?)
-            }
-            None => None,
+        // One choice of attention kernel for every layer, with the padding mask in its form.
+        let mask = if self.use_fused(&x) && !opts.attentions {
+            // The fused attention takes one flag a key.
+            AttentionMask::Keys(match input.attention_mask {
+                Some(m) => Some(Arc::new(
+                    m.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()?,
+                )),
+                None => None,
+            })
+        } else {
+            // Additive [b, 1, 1, s]: 0 on tokens, the dtype's minimum on padding.
+            AttentionMask::Additive(match input.attention_mask {
+                Some(m) => {
+                    let m = m.to_dtype(x.dtype())?;
+                    Some(((1.0 - m)? * f32::MIN as f64)?.reshape((b, 1, 1, s))?)
+                }
+                None => None,
+            })
         };
         let mut hidden_states = Vec::new();
         let mut attentions = Vec::new();
@@ -317,8 +329,7 @@ impl Encoder {
                 let (y, probs) = self.block_forward(
                     &self.blocks[k],
                     &x,
-                    mask.as_ref(),
-                    key_mask.as_ref(),
+                    &mask,
                     opts.attentions,
                     rng.as_deref_mut(),
                 )?;
@@ -366,13 +377,11 @@ impl Encoder {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn block_forward(
         &self,
         blk: &Block,
         x: &Tensor,
-        mask: Option<&Tensor>,
-        key_mask: Option<&Arc<Vec<u8>>>,
+        mask: &AttentionMask,
         want_probs: bool,
         mut rng: Option<&mut ChaCha8Rng>,
     ) -> Result<(Tensor, Option<Tensor>)> {
@@ -382,32 +391,36 @@ impl Encoder {
         let q = self.dense(&blk.query, x, None, 0.0, None)?;
         let k = self.dense(&blk.key, x, None, 0.0, None)?;
         let v = self.dense(&blk.value, x, None, 0.0, None)?;
-        let (ctx, probs) = if self.use_fused(x) && !want_probs {
-            let drop = match rng.as_deref_mut() {
-                Some(r) if cfg.attention_dropout > 0.0 => {
-                    Some(Mask::draw(r, b * nh * s * s, cfg.attention_dropout))
-                }
-                _ => None,
-            };
-            let keep = q.track_op() || k.track_op() || v.track_op();
-            let ctx = fused::attention::attention(&q, &k, &v, nh, key_mask.cloned(), drop, keep)?;
-            (ctx, None)
-        } else {
-            let heads = |t: Tensor| -> Result<Tensor> {
-                Ok(t.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous()?)
-            };
-            let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
-            let mut scores = (matmul_in(&q, &k.t()?, self.compute)? / (hd as f64).sqrt())?;
-            if let Some(m) = mask {
-                scores = scores.broadcast_add(m)?;
+        let (ctx, probs) = match mask {
+            AttentionMask::Keys(key_mask) => {
+                let drop = match rng.as_deref_mut() {
+                    Some(r) if cfg.attention_dropout > 0.0 => {
+                        Some(Mask::draw(r, b * nh * s * s, cfg.attention_dropout))
+                    }
+                    _ => None,
+                };
+                let keep = q.track_op() || k.track_op() || v.track_op();
+                let ctx =
+                    fused::attention::attention(&q, &k, &v, nh, key_mask.clone(), drop, keep)?;
+                (ctx, None)
             }
-            let probs = softmax_last_dim(&scores)?;
-            let probs_d = dropout(&probs, cfg.attention_dropout, rng.as_deref_mut())?;
-            let ctx = matmul_in(&probs_d, &v, self.compute)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b, s, h))?;
-            (ctx, want_probs.then_some(probs))
+            AttentionMask::Additive(mask) => {
+                let heads = |t: Tensor| -> Result<Tensor> {
+                    Ok(t.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous()?)
+                };
+                let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
+                let mut scores = (matmul_in(&q, &k.t()?, self.compute)? / (hd as f64).sqrt())?;
+                if let Some(m) = mask {
+                    scores = scores.broadcast_add(m)?;
+                }
+                let probs = softmax_last_dim(&scores)?;
+                let probs_d = dropout(&probs, cfg.attention_dropout, rng.as_deref_mut())?;
+                let ctx = matmul_in(&probs_d, &v, self.compute)?
+                    .transpose(1, 2)?
+                    .contiguous()?
+                    .reshape((b, s, h))?;
+                (ctx, want_probs.then_some(probs))
+            }
         };
         let a = self.dense(
             &blk.attn_out,
