@@ -10,7 +10,7 @@
 use super::dropout::Mask;
 use super::gemm::{gemm, gemm_raw, Acc, Mat};
 use super::math::{dot, exp, max, sum};
-use super::{cpu_out, cpu_slice, tensor, Read, SharedMut};
+use super::{cpu_out, cpu_slice, tensor, uninit, Read, SharedMut};
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -150,10 +150,12 @@ impl CustomOp3 for AttentionOp {
         );
         let Dims { b, s, h, nh, d } = dm;
         let scale = 1.0 / (d as f32).sqrt();
-        let mut out = vec![0f32; b * s * h];
-        let mut probs = vec![0f32; b * nh * s * s];
+        let mut out = uninit(b * s * h);
         let outp = SharedMut::new(&mut out);
-        probs.par_chunks_mut(s * s).enumerate().for_each(|(t, p)| {
+        // Task t = (bi, hi): scores, softmax, dropout, · V into head hi's columns of row bi.
+        // `p` is the task's probabilities (kept for the backward when training, else a
+        // per-thread scratch that stays in cache); `scratch` takes the dropped copy.
+        let task = |t: usize, p: &mut [f32], scratch: &mut Vec<f32>| {
             let (bi, hi) = (t / nh, t % nh);
             gemm(
                 p,
@@ -165,13 +167,12 @@ impl CustomOp3 for AttentionOp {
                 1,
             );
             self.softmax(p, bi, s);
-            let dropped;
             let pd: &[f32] = match &self.drop {
                 Some(m) => {
-                    let mut x = p.to_vec();
-                    m.apply(&mut x, t * s * s);
-                    dropped = x;
-                    &dropped
+                    scratch.clear();
+                    scratch.extend_from_slice(p);
+                    m.apply(scratch, t * s * s);
+                    scratch
                 }
                 None => p,
             };
@@ -189,9 +190,19 @@ impl CustomOp3 for AttentionOp {
                     1,
                 )
             }
-        });
+        };
         if self.keep {
+            let mut probs = uninit(b * nh * s * s);
+            probs
+                .par_chunks_mut(s * s)
+                .enumerate()
+                .for_each_init(Vec::new, |scratch, (t, p)| task(t, p, scratch));
             *self.probs.lock().unwrap() = Some(probs);
+        } else {
+            (0..b * nh).into_par_iter().for_each_init(
+                || (uninit(s * s), Vec::new()),
+                |(p, scratch), t| task(t, p, scratch),
+            );
         }
         Ok((cpu_out(out), ql.shape().clone()))
     }
@@ -218,7 +229,7 @@ impl CustomOp3 for AttentionOp {
             Read::new(grad)?,
         );
         let n = b * s * h;
-        let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        let (mut dq, mut dk, mut dv) = (uninit(n), uninit(n), uninit(n));
         let (dqp, dkp, dvp) = (
             SharedMut::new(&mut dq),
             SharedMut::new(&mut dk),
@@ -229,7 +240,7 @@ impl CustomOp3 for AttentionOp {
                 vr.with(|v| {
                     gr.with(|go| {
                         (0..b * nh).into_par_iter().for_each_init(
-                            || (vec![0f32; s * s], vec![0f32; s * s]),
+                            || (uninit(s * s), uninit(s * s)),
                             |(pd_buf, ds), t| {
                                 let (bi, hi) = (t / nh, t % nh);
                                 let off = dm.offset(bi, hi);

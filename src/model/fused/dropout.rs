@@ -7,7 +7,7 @@
 //! one does. Each element costs 16 random bits (keep when the 16-bit draw is at or above
 //! `p · 65536`), a quarter of what drawing an `f32` per element took.
 
-use super::{cpu_out, cpu_slice, tensor, Read};
+use super::{copy_then, cpu_out, cpu_slice, tensor, Read};
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rand::{Rng, RngCore, SeedableRng};
@@ -84,19 +84,13 @@ impl CustomOp1 for DropoutOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_slice(s, l, self.name())?;
-        let mut y = x.to_vec();
-        y.par_chunks_mut(BLOCK)
-            .enumerate()
-            .for_each(|(i, c)| self.mask.apply(c, i * BLOCK));
+        let y = copy_then(x, BLOCK, |i, c| self.mask.apply(c, i * BLOCK));
         Ok((cpu_out(y), l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let g = Read::new(grad)?;
-        let mut dx = g.with(|g| g.to_vec());
-        dx.par_chunks_mut(BLOCK)
-            .enumerate()
-            .for_each(|(i, c)| self.mask.apply(c, i * BLOCK));
+        let dx = g.with(|g| copy_then(g, BLOCK, |i, c| self.mask.apply(c, i * BLOCK)));
         Ok(Some(tensor(dx, grad.dims())?))
     }
 }

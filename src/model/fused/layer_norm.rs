@@ -4,7 +4,7 @@
 //! than keeping them.
 
 use super::math::{dot, sum};
-use super::{cpu_out, cpu_slice, rows_per_chunk, sum_in_order, tensor, Read, REDUCE_ROWS};
+use super::{cpu_out, cpu_slice, rows_per_chunk, sum_in_order, tensor, uninit, Read, REDUCE_ROWS};
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -25,19 +25,22 @@ fn stats(row: &[f32], eps: f32, scratch: &mut [f32]) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-/// Forward over whole rows of width `g.len()`, in place: `y ← LN(y [+ res])`.
+/// Forward over whole rows of width `g.len()`: `y ← LN(x [+ res])`.
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
     "x86_64+avx2+fma"
 ))]
-fn forward_rows(y: &mut [f32], res: Option<&[f32]>, g: &[f32], b: &[f32], eps: f32) {
+fn forward_rows(y: &mut [f32], x: &[f32], res: Option<&[f32]>, g: &[f32], b: &[f32], eps: f32) {
     let h = g.len();
     let mut scratch = vec![0f32; h];
-    for (k, yr) in y.chunks_exact_mut(h).enumerate() {
-        if let Some(r) = res {
-            for (v, &a) in yr.iter_mut().zip(&r[k * h..(k + 1) * h]) {
-                *v += a;
+    for (k, (yr, xr)) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)).enumerate() {
+        match res {
+            Some(r) => {
+                for ((v, &a), &c) in yr.iter_mut().zip(xr).zip(&r[k * h..(k + 1) * h]) {
+                    *v = a + c;
+                }
             }
+            None => yr.copy_from_slice(xr),
         }
         let (mean, rstd) = stats(yr, eps, &mut scratch);
         for i in 0..h {
@@ -99,17 +102,15 @@ fn backward_rows(
 /// `LN(x [+ res])` over all rows, in parallel.
 fn forward_all(x: &[f32], res: Option<&[f32]>, g: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
     let h = g.len();
-    let mut y = x.to_vec();
+    let mut y = uninit(x.len());
     let per = rows_per_chunk(x.len() / h) * h;
-    match res {
-        Some(r) => y
-            .par_chunks_mut(per)
-            .zip(r.par_chunks(per))
-            .for_each(|(yc, rc)| forward_rows(yc, Some(rc), g, b, eps)),
-        None => y
-            .par_chunks_mut(per)
-            .for_each(|yc| forward_rows(yc, None, g, b, eps)),
-    }
+    y.par_chunks_mut(per)
+        .zip(x.par_chunks(per))
+        .enumerate()
+        .for_each(|(i, (yc, xc))| {
+            let rc = res.map(|r| &r[i * per..i * per + xc.len()]);
+            forward_rows(yc, xc, rc, g, b, eps)
+        });
     y
 }
 
@@ -124,7 +125,7 @@ fn backward_all(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let h = gamma.len();
     let block = REDUCE_ROWS * h;
-    let mut dx = vec![0f32; x.len()];
+    let mut dx = uninit(x.len());
     let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
         .par_chunks_mut(block)
         .zip(x.par_chunks(block))

@@ -8,7 +8,7 @@
 use super::dropout::Mask;
 use super::gemm::{gemm, threads, Acc, Mat};
 use super::math::{act_grad_mul, act_slice};
-use super::{column_sums, cpu_out, cpu_slice, rows_per_chunk, tensor, Read};
+use super::{column_sums, copy_then, cpu_out, cpu_slice, rows_per_chunk, tensor, uninit, Read};
 use crate::model::config::Activation;
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
@@ -55,9 +55,9 @@ impl CustomOp3 for LinearOp {
         let x = cpu_slice(xs, xl, self.name())?;
         let w = cpu_slice(ws, wl, self.name())?;
         let b = cpu_slice(bs, bl, self.name())?;
-        let mut y = vec![0f32; rows * out];
-        let per = rows_per_chunk(rows);
-        y.par_chunks_mut(per * out).for_each(|c| {
+        let mut y = uninit(rows * out);
+        let per = rows_per_chunk(rows) * out;
+        y.par_chunks_mut(per).for_each(|c| {
             for row in c.chunks_exact_mut(out) {
                 row.copy_from_slice(b);
             }
@@ -71,16 +71,23 @@ impl CustomOp3 for LinearOp {
             1.0,
             threads(),
         );
-        if let Some(a) = self.act {
-            if self.keep {
-                *self.pre.lock().unwrap() = Some(y.clone());
+        // Activation and dropout in one pass; out of place when the pre-activation is kept.
+        let post = |i: usize, c: &mut [f32]| {
+            if let Some(a) = self.act {
+                act_slice(a, c);
             }
-            y.par_chunks_mut(per * out).for_each(|c| act_slice(a, c));
-        }
-        if let Some(m) = &self.mask {
-            y.par_chunks_mut(per * out)
+            if let Some(m) = &self.mask {
+                m.apply(c, i * per);
+            }
+        };
+        if self.act.is_some() && self.keep {
+            let pre = y;
+            y = copy_then(&pre, per, post);
+            *self.pre.lock().unwrap() = Some(pre);
+        } else if self.act.is_some() || self.mask.is_some() {
+            y.par_chunks_mut(per)
                 .enumerate()
-                .for_each(|(i, c)| m.apply(c, i * per * out));
+                .for_each(|(i, c)| post(i, c));
         }
         let mut dims = xl.shape().dims().to_vec();
         *dims.last_mut().unwrap() = out;
@@ -103,24 +110,27 @@ impl CustomOp3 for LinearOp {
             // g' = g: no copy.
             g.with(grads)
         } else {
-            let mut gp = g.with(|g| g.to_vec());
-            let per = rows_per_chunk(rows);
-            if let Some(a) = self.act {
-                let pre = self.pre.lock().unwrap();
-                let pre = pre.as_ref().ok_or_else(|| {
-                    candle_core::Error::Msg(
+            let per = rows_per_chunk(rows) * out;
+            let pre = self.pre.lock().unwrap();
+            let pre = match (self.act, pre.as_ref()) {
+                (Some(_), None) => {
+                    return Err(candle_core::Error::Msg(
                         "fused linear: backward of an op run without keep".into(),
-                    )
-                })?;
-                gp.par_chunks_mut(per * out)
-                    .zip(pre.par_chunks(per * out))
-                    .for_each(|(g, p)| act_grad_mul(a, g, p));
-            }
-            if let Some(m) = &self.mask {
-                gp.par_chunks_mut(per * out)
-                    .enumerate()
-                    .for_each(|(i, c)| m.apply(c, i * per * out));
-            }
+                    ))
+                }
+                (_, p) => p,
+            };
+            // g' = g · mask · act'(pre), copied and transformed in one parallel pass.
+            let gp = g.with(|g| {
+                copy_then(g, per, |i, c| {
+                    if let (Some(a), Some(p)) = (self.act, pre) {
+                        act_grad_mul(a, c, &p[i * per..i * per + c.len()]);
+                    }
+                    if let Some(m) = &self.mask {
+                        m.apply(c, i * per);
+                    }
+                })
+            });
             grads(&gp)
         };
         Ok((
@@ -140,8 +150,8 @@ fn linear_grads(
     inp: usize,
     out: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let mut dx = vec![0f32; rows * inp];
-    let mut dw = vec![0f32; out * inp];
+    let mut dx = uninit(rows * inp);
+    let mut dw = uninit(out * inp);
     let g = Mat::rm(gp, rows, out);
     gemm(
         &mut dx,
