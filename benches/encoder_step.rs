@@ -343,7 +343,7 @@ fn main() -> Result<()> {
             }
         };
         let t2 = Instant::now();
-        let grads = loss.backward()?;
+        let grads = enc.backward(&loss)?;
         let t3 = Instant::now();
         if let Some(opt) = opt.as_mut() {
             let mut by_name = BTreeMap::new();

@@ -73,11 +73,21 @@ fn activation_derivatives_match_finite_differences() {
     }
 }
 
+/// How the encoder runs: candle's composed ops, one fused node per op, or each whole layer
+/// as one fused node (the default).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Path {
+    Composed,
+    PerOp,
+    Layer,
+}
+
 /// Loss and gradients of a small random model, one training step's forward and backward.
-fn step(cfg: &EncoderConfig, fused: bool) -> (f32, Vec<(String, Tensor)>) {
+fn step(cfg: &EncoderConfig, path: Path) -> (f32, Vec<(String, Tensor)>) {
     let params = Params::random(cfg, Parts::MLM, 11, &Device::Cpu, true).unwrap();
     let mut enc = Encoder::new(cfg.clone(), params).unwrap();
-    enc.set_fused(fused);
+    enc.set_fused(path != Path::Composed);
+    enc.set_layer_kernel(path == Path::Layer);
     let ids = Tensor::new(
         &[
             [2u32, 17, 33, 4, 41, 9, 12, 3, 0, 0, 0],
@@ -113,7 +123,7 @@ fn step(cfg: &EncoderConfig, fused: bool) -> (f32, Vec<(String, Tensor)>) {
         .mlm_logits_at(&out.last_hidden_state, &targets.positions)
         .unwrap();
     let loss = cross_entropy(&logits, &targets.targets).unwrap();
-    let grads = loss.backward().unwrap();
+    let grads = enc.backward(&loss).unwrap();
     let g = enc
         .params
         .vars()
@@ -121,7 +131,7 @@ fn step(cfg: &EncoderConfig, fused: bool) -> (f32, Vec<(String, Tensor)>) {
         .map(|(n, v)| {
             let g = grads
                 .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("{n} got no gradient (fused {fused})"));
+                .unwrap_or_else(|| panic!("{n} got no gradient ({path:?})"));
             (n.clone(), g.clone())
         })
         .collect();
@@ -143,10 +153,13 @@ fn fused_kernels_match_composed_ops_in_training_mode() {
     albert.shared_layers = true;
     albert.embedding_size = 16;
     cases.push(albert);
-    for cfg in &cases {
-        let (lf, gf) = step(cfg, true);
-        let (lc, gc) = step(cfg, false);
-        let what = format!("{:?} {:?}", cfg.layout, cfg.hidden_act);
+    for (cfg, path) in cases
+        .iter()
+        .flat_map(|c| [(c, Path::Layer), (c, Path::PerOp)])
+    {
+        let (lf, gf) = step(cfg, path);
+        let (lc, gc) = step(cfg, Path::Composed);
+        let what = format!("{:?} {:?} {path:?}", cfg.layout, cfg.hidden_act);
         assert!(
             (lf - lc).abs() < 1e-5,
             "{what}: loss {lf} fused vs {lc} composed"

@@ -45,7 +45,7 @@ fn half_precision_matmuls_stay_close_to_f32() {
         let h = out.last_hidden_state;
         let logits = enc.mlm_logits_at(&h, &targets.positions).unwrap();
         let loss = cross_entropy(&logits, &targets.targets).unwrap();
-        let grads = loss.backward().unwrap();
+        let grads = enc.backward(&loss).unwrap();
         let g: Vec<(String, candle_core::Tensor)> = enc
             .params
             .vars()

@@ -101,7 +101,7 @@ fn check_gradients(layout_name: &str, fused: bool) {
         "{layout}: loss {got} vs {}",
         expected[0]
     );
-    let grads = loss.backward().unwrap();
+    let grads = enc.backward(&loss).unwrap();
     let mut checked = 0;
     let inner = enc.cfg.inner_group_num;
     let layout_enum = enc.cfg.layout;

@@ -82,7 +82,7 @@ fn twelve_training_steps_match_pytorch() {
             "step {step}: loss {loss} vs PyTorch {}",
             losses[step]
         );
-        let g = l.loss.backward().unwrap();
+        let g = model.backward(&l.loss).unwrap();
         let grads: BTreeMap<String, Tensor> = model
             .params
             .vars()

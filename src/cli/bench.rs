@@ -251,7 +251,7 @@ pub fn run(args: &BenchArgs) -> Result<Value> {
             &attention_mask,
         )?;
         let loss = (((&soft * W_SOFT)? + (&hard * W_HARD)?)? + (&cos * W_COSINE)?)?;
-        let grads = loss.backward()?;
+        let grads = student.backward(&loss)?;
         let mut by_name = BTreeMap::new();
         for (name, var) in student.params.vars() {
             if let Some(g) = grads.get(var.as_tensor()) {

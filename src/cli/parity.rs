@@ -170,7 +170,7 @@ pub fn check_fixture(
     let loss_t = cross_entropy(&lg, &targets.targets)?;
     let expected: Vec<f32> = get("loss")?.flatten_all()?.to_vec1()?;
     let loss = (loss_t.to_scalar::<f32>()? - expected[0]).abs();
-    let grads = loss_t.backward()?;
+    let grads = enc.backward(&loss_t)?;
     let (mut grad, mut worst_grad) = (0f32, String::new());
     let mut reference_count = 0;
     for (name, var) in enc.params.vars() {

@@ -52,6 +52,8 @@ struct Embeddings {
 }
 
 struct Block {
+    /// The same tensors, for the whole-layer kernel.
+    weights: fused::block::LayerWeights,
     query: Linear,
     key: Linear,
     value: Linear,
@@ -85,6 +87,11 @@ pub struct Encoder {
     /// The dtype of the matmuls (mixed precision when not f32); see
     /// [`Encoder::set_compute_dtype`].
     compute: DType,
+    /// Gradients of parameters the whole-layer kernel computes outside candle's graph;
+    /// [`Encoder::backward`] collects them.
+    sink: fused::grads::GradSink,
+    /// Whether the whole-layer kernel may run (else one fused node per op).
+    layer_kernel: bool,
 }
 
 impl Encoder {
@@ -123,7 +130,23 @@ impl Encoder {
         let blocks = (0..cfg.num_blocks())
             .map(|k| {
                 let p = format!("encoder.layer.{k}");
+                let wb = |name: &str| -> Result<(Tensor, Tensor)> {
+                    Ok((
+                        t(&format!("{p}.{name}.weight"))?,
+                        t(&format!("{p}.{name}.bias"))?,
+                    ))
+                };
                 Ok(Block {
+                    weights: fused::block::LayerWeights {
+                        query: wb("attention.self.query")?,
+                        key: wb("attention.self.key")?,
+                        value: wb("attention.self.value")?,
+                        attn_out: wb("attention.output.dense")?,
+                        attn_norm: wb("attention.output.LayerNorm")?,
+                        intermediate: wb("intermediate.dense")?,
+                        output: wb("output.dense")?,
+                        out_norm: wb("output.LayerNorm")?,
+                    },
                     query: lin(&format!("{p}.attention.self.query"))?,
                     key: lin(&format!("{p}.attention.self.key"))?,
                     value: lin(&format!("{p}.attention.self.value"))?,
@@ -169,7 +192,30 @@ impl Encoder {
             seq_relationship,
             fused: true,
             compute: DType::F32,
+            sink: Default::default(),
+            layer_kernel: true,
         })
+    }
+
+    /// `loss.backward()` plus the gradients of this encoder's parameters that the
+    /// whole-layer kernel computed outside candle's graph (see [`fused::grads`]). Use it
+    /// instead of `loss.backward()` whenever the loss depends on this encoder's output.
+    pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+        let mut grads = match loss.backward() {
+            Ok(g) => g,
+            Err(e) => {
+                self.sink.clear();
+                return Err(e.into());
+            }
+        };
+        self.sink.drain_into(&mut grads)?;
+        Ok(grads)
+    }
+
+    /// Runs each transformer layer as one fused node (the default) or as one node per op
+    /// (linear, attention, layer norm): the same function, kept for tests and comparison.
+    pub fn set_layer_kernel(&mut self, on: bool) {
+        self.layer_kernel = on;
     }
 
     /// Chooses between the fused CPU kernels (the default, used where they apply) and
@@ -275,6 +321,12 @@ impl Encoder {
             bail!(
                 "sequence length {s} exceeds the model's max_position_embeddings {}",
                 cfg.max_position_embeddings - cfg.position_offset()
+            );
+        }
+        if !self.sink.is_empty() {
+            bail!(
+                "gradients of this encoder's last backward pass were never collected: \
+                 compute them with Encoder::backward(&loss), not loss.backward()"
             );
         }
         let dev = ids.device();
@@ -388,6 +440,31 @@ impl Encoder {
         let cfg = &self.cfg;
         let (b, s, h) = x.dims3()?;
         let (nh, hd) = (cfg.num_heads, cfg.head_dim());
+        if let AttentionMask::Keys(key_mask) = mask {
+            if self.layer_kernel && blk.weights.fusable() {
+                // The masks in the order the per-op path draws them.
+                let mut draw = |n: usize, p: f32| match rng.as_deref_mut() {
+                    Some(r) if p > 0.0 => Some(Mask::draw(r, n, p)),
+                    _ => None,
+                };
+                let masks = fused::block::LayerMasks {
+                    attention: draw(b * nh * s * s, cfg.attention_dropout),
+                    attn_out: draw(b * s * h, cfg.hidden_dropout),
+                    output: draw(b * s * h, cfg.hidden_dropout),
+                };
+                let y = fused::block::layer(
+                    x,
+                    &blk.weights,
+                    nh,
+                    cfg.hidden_act,
+                    cfg.layer_norm_eps,
+                    key_mask.clone(),
+                    masks,
+                    &self.sink,
+                )?;
+                return Ok((y, None));
+            }
+        }
         let q = self.dense(&blk.query, x, None, 0.0, None)?;
         let k = self.dense(&blk.key, x, None, 0.0, None)?;
         let v = self.dense(&blk.value, x, None, 0.0, None)?;

@@ -206,7 +206,7 @@ impl Trainer<'_> {
                     None => (l.loss / accum as f64)?,
                     Some(s) => (l.loss * (s.scale / accum as f64))?,
                 };
-                let g = scaled.backward()?;
+                let g = self.model.backward(&scaled)?;
                 for (name, var) in &vars {
                     if let Some(gv) = g.get(var.as_tensor()) {
                         let e = grads.entry(name.clone());

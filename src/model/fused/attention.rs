@@ -16,6 +16,207 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
+/// Where the heads are: `q`, `k`, `v` (and their gradients) are `[batch · seq]` rows `rs`
+/// elements apart, head `hi` in columns `hi · d .. (hi + 1) · d` from the slice's start (so
+/// q, k and v may be column blocks of one `[rows, 3h]` projection). The output and its
+/// gradient are `[batch · seq, nh · d]`, row-major.
+#[derive(Clone, Copy)]
+pub(crate) struct Dims {
+    pub b: usize,
+    pub s: usize,
+    pub nh: usize,
+    pub d: usize,
+    pub rs: usize,
+}
+
+impl Dims {
+    fn h(&self) -> usize {
+        self.nh * self.d
+    }
+
+    /// Head `hi` of batch row `bi` of an input laid out as `self` says, as an `s × d` matrix.
+    fn head<'a>(&self, x: &'a [f32], bi: usize, hi: usize) -> Mat<'a> {
+        self.head_rs(x, bi, hi, self.rs)
+    }
+
+    fn head_rs<'a>(&self, x: &'a [f32], bi: usize, hi: usize, rs: usize) -> Mat<'a> {
+        Mat {
+            data: &x[bi * self.s * rs + hi * self.d..],
+            rows: self.s,
+            cols: self.d,
+            rs,
+            cs: 1,
+        }
+    }
+
+    fn offset(&self, bi: usize, hi: usize, rs: usize) -> usize {
+        bi * self.s * rs + hi * self.d
+    }
+}
+
+/// Row-wise softmax of the scores of batch row `bi`, keys masked out get probability 0.
+fn softmax(p: &mut [f32], key_mask: Option<&[u8]>, bi: usize, s: usize) {
+    softmax_rows(p, key_mask.map(|m| &m[bi * s..(bi + 1) * s]), s);
+}
+
+/// The forward pass: `out ← softmax(Q·Kᵀ/√d + mask)·V` per (batch, head) task, in parallel.
+/// Returns the probabilities `[b, nh, s, s]` (before dropout) when `keep`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward(
+    dm: Dims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    key_mask: Option<&[u8]>,
+    drop: Option<&Mask>,
+    keep: bool,
+) -> Option<Vec<f32>> {
+    let Dims { b, s, nh, d, .. } = dm;
+    let h = dm.h();
+    let scale = 1.0 / (d as f32).sqrt();
+    assert!(out.len() >= b * s * h, "attention output too short");
+    let outp = SharedMut::new(out);
+    // Task t = (bi, hi): scores, softmax, dropout, · V into head hi's columns of row bi.
+    // `p` is the task's probabilities (kept for the backward when training, else a
+    // per-thread scratch that stays in cache); `scratch` takes the dropped copy.
+    let task = |t: usize, p: &mut [f32], scratch: &mut Vec<f32>| {
+        let (bi, hi) = (t / nh, t % nh);
+        gemm(
+            p,
+            s,
+            dm.head(q, bi, hi),
+            dm.head(k, bi, hi).t(),
+            Acc::Overwrite,
+            scale,
+            1,
+        );
+        softmax(p, key_mask, bi, s);
+        let pd: &[f32] = match drop {
+            Some(m) => {
+                scratch.clear();
+                scratch.extend_from_slice(p);
+                m.apply(scratch, t * s * s);
+                scratch
+            }
+            None => p,
+        };
+        // Safety: task t writes only head hi's columns of batch row bi.
+        unsafe {
+            gemm_raw(
+                outp.at(dm.offset(bi, hi, h)),
+                h,
+                s,
+                d,
+                Mat::rm(pd, s, s),
+                dm.head(v, bi, hi),
+                Acc::Overwrite,
+                1.0,
+                1,
+            )
+        }
+    };
+    if keep {
+        let mut probs = uninit(b * nh * s * s);
+        probs
+            .par_chunks_mut(s * s)
+            .enumerate()
+            .for_each_init(Vec::new, |scratch, (t, p)| task(t, p, scratch));
+        Some(probs)
+    } else {
+        (0..b * nh).into_par_iter().for_each_init(
+            || (uninit(s * s), Vec::new()),
+            |(p, scratch), t| task(t, p, scratch),
+        );
+        None
+    }
+}
+
+/// The backward pass from the output gradient `go` `[b · s, h]`: writes `dq`, `dk`, `dv`
+/// (laid out as `dm` says, like q, k and v).
+///
+/// # Safety
+/// `dq`, `dk` and `dv` must point to buffers laid out as `dm` says, and no one else may
+/// touch the head columns they cover while this runs.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn backward(
+    dm: Dims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    probs: &[f32],
+    go: &[f32],
+    drop: Option<&Mask>,
+    dq: SharedMut,
+    dk: SharedMut,
+    dv: SharedMut,
+) {
+    let Dims { b, s, nh, d, rs } = dm;
+    let h = dm.h();
+    let scale = 1.0 / (d as f32).sqrt();
+    (0..b * nh).into_par_iter().for_each_init(
+        || (uninit(s * s), uninit(s * s)),
+        |(pd_buf, ds), t| {
+            let (bi, hi) = (t / nh, t % nh);
+            let off = dm.offset(bi, hi, rs);
+            let p = &probs[t * s * s..(t + 1) * s * s];
+            let pd: &[f32] = match drop {
+                Some(m) => {
+                    pd_buf.copy_from_slice(p);
+                    m.apply(pd_buf, t * s * s);
+                    pd_buf
+                }
+                None => p,
+            };
+            let go_h = dm.head_rs(go, bi, hi, h);
+            // Safety (all three): task t writes only head hi's columns of row bi.
+            // dV = P_dᵀ · dO
+            gemm_raw(
+                dv.at(off),
+                rs,
+                s,
+                d,
+                Mat::rm(pd, s, s).t(),
+                go_h,
+                Acc::Overwrite,
+                1.0,
+                1,
+            );
+            // dP_d = dO · Vᵀ, then through the dropout mask.
+            gemm(ds, s, go_h, dm.head(v, bi, hi).t(), Acc::Overwrite, 1.0, 1);
+            if let Some(m) = drop {
+                m.apply(ds, t * s * s);
+            }
+            // dS = P ∘ (dP − rowsum(dP ∘ P)) · scale
+            softmax_backward_rows(ds, p, s, scale);
+            // dQ = dS · K
+            gemm_raw(
+                dq.at(off),
+                rs,
+                s,
+                d,
+                Mat::rm(ds, s, s),
+                dm.head(k, bi, hi),
+                Acc::Overwrite,
+                1.0,
+                1,
+            );
+            // dK = dSᵀ · Q
+            gemm_raw(
+                dk.at(off),
+                rs,
+                s,
+                d,
+                Mat::rm(ds, s, s).t(),
+                dm.head(q, bi, hi),
+                Acc::Overwrite,
+                1.0,
+                1,
+            );
+        },
+    )
+}
+
 struct AttentionOp {
     heads: usize,
     /// `[batch, seq]`, 1 for keys that may be attended to.
@@ -24,32 +225,6 @@ struct AttentionOp {
     drop: Option<Mask>,
     keep: bool,
     probs: Mutex<Option<Vec<f32>>>,
-}
-
-#[derive(Clone, Copy)]
-struct Dims {
-    b: usize,
-    s: usize,
-    h: usize,
-    nh: usize,
-    d: usize,
-}
-
-impl Dims {
-    /// Head `hi` of batch row `bi` of a `[b, s, h]` tensor, as an `s × d` matrix.
-    fn head<'a>(&self, x: &'a [f32], bi: usize, hi: usize) -> Mat<'a> {
-        Mat {
-            data: &x[bi * self.s * self.h + hi * self.d..],
-            rows: self.s,
-            cols: self.d,
-            rs: self.h,
-            cs: 1,
-        }
-    }
-
-    fn offset(&self, bi: usize, hi: usize) -> usize {
-        bi * self.s * self.h + hi * self.d
-    }
 }
 
 impl AttentionOp {
@@ -64,16 +239,10 @@ impl AttentionOp {
         Ok(Dims {
             b,
             s,
-            h,
             nh: self.heads,
             d: h / self.heads,
+            rs: h,
         })
-    }
-
-    /// Row-wise softmax of the scores of batch row `bi`, keys masked out get probability 0.
-    fn softmax(&self, p: &mut [f32], bi: usize, s: usize) {
-        let mask = self.key_mask.as_ref().map(|m| &m[bi * s..(bi + 1) * s]);
-        softmax_rows(p, mask, s);
     }
 }
 
@@ -148,62 +317,18 @@ impl CustomOp3 for AttentionOp {
             cpu_slice(ks, kl, self.name())?,
             cpu_slice(vs, vl, self.name())?,
         );
-        let Dims { b, s, h, nh, d } = dm;
-        let scale = 1.0 / (d as f32).sqrt();
-        let mut out = uninit(b * s * h);
-        let outp = SharedMut::new(&mut out);
-        // Task t = (bi, hi): scores, softmax, dropout, · V into head hi's columns of row bi.
-        // `p` is the task's probabilities (kept for the backward when training, else a
-        // per-thread scratch that stays in cache); `scratch` takes the dropped copy.
-        let task = |t: usize, p: &mut [f32], scratch: &mut Vec<f32>| {
-            let (bi, hi) = (t / nh, t % nh);
-            gemm(
-                p,
-                s,
-                dm.head(q, bi, hi),
-                dm.head(k, bi, hi).t(),
-                Acc::Overwrite,
-                scale,
-                1,
-            );
-            self.softmax(p, bi, s);
-            let pd: &[f32] = match &self.drop {
-                Some(m) => {
-                    scratch.clear();
-                    scratch.extend_from_slice(p);
-                    m.apply(scratch, t * s * s);
-                    scratch
-                }
-                None => p,
-            };
-            // Safety: task t writes only head hi's columns of batch row bi.
-            unsafe {
-                gemm_raw(
-                    outp.at(dm.offset(bi, hi)),
-                    h,
-                    s,
-                    d,
-                    Mat::rm(pd, s, s),
-                    dm.head(v, bi, hi),
-                    Acc::Overwrite,
-                    1.0,
-                    1,
-                )
-            }
-        };
-        if self.keep {
-            let mut probs = uninit(b * nh * s * s);
-            probs
-                .par_chunks_mut(s * s)
-                .enumerate()
-                .for_each_init(Vec::new, |scratch, (t, p)| task(t, p, scratch));
-            *self.probs.lock().unwrap() = Some(probs);
-        } else {
-            (0..b * nh).into_par_iter().for_each_init(
-                || (uninit(s * s), Vec::new()),
-                |(p, scratch), t| task(t, p, scratch),
-            );
-        }
+        let mut out = uninit(q.len());
+        let probs = forward(
+            dm,
+            q,
+            k,
+            v,
+            &mut out,
+            self.key_mask.as_deref().map(|m| m.as_slice()),
+            self.drop.as_ref(),
+            self.keep,
+        );
+        *self.probs.lock().unwrap() = probs;
         Ok((cpu_out(out), ql.shape().clone()))
     }
 
@@ -216,8 +341,6 @@ impl CustomOp3 for AttentionOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dm = self.dims(q.layout())?;
-        let Dims { b, s, h, nh, d } = dm;
-        let scale = 1.0 / (d as f32).sqrt();
         let probs = self.probs.lock().unwrap();
         let probs = probs.as_ref().ok_or_else(|| {
             candle_core::Error::Msg("fused attention: backward of an op run without keep".into())
@@ -228,7 +351,7 @@ impl CustomOp3 for AttentionOp {
             Read::new(v)?,
             Read::new(grad)?,
         );
-        let n = b * s * h;
+        let n = q.elem_count();
         let (mut dq, mut dk, mut dv) = (uninit(n), uninit(n), uninit(n));
         let (dqp, dkp, dvp) = (
             SharedMut::new(&mut dq),
@@ -239,71 +362,10 @@ impl CustomOp3 for AttentionOp {
             kr.with(|k| {
                 vr.with(|v| {
                     gr.with(|go| {
-                        (0..b * nh).into_par_iter().for_each_init(
-                            || (uninit(s * s), uninit(s * s)),
-                            |(pd_buf, ds), t| {
-                                let (bi, hi) = (t / nh, t % nh);
-                                let off = dm.offset(bi, hi);
-                                let p = &probs[t * s * s..(t + 1) * s * s];
-                                let pd: &[f32] = match &self.drop {
-                                    Some(m) => {
-                                        pd_buf.copy_from_slice(p);
-                                        m.apply(pd_buf, t * s * s);
-                                        pd_buf
-                                    }
-                                    None => p,
-                                };
-                                let go_h = dm.head(go, bi, hi);
-                                // Safety: task t writes only head hi's columns of row bi.
-                                unsafe {
-                                    // dV = P_dᵀ · dO
-                                    gemm_raw(
-                                        dvp.at(off),
-                                        h,
-                                        s,
-                                        d,
-                                        Mat::rm(pd, s, s).t(),
-                                        go_h,
-                                        Acc::Overwrite,
-                                        1.0,
-                                        1,
-                                    );
-                                }
-                                // dP_d = dO · Vᵀ, then through the dropout mask.
-                                gemm(ds, s, go_h, dm.head(v, bi, hi).t(), Acc::Overwrite, 1.0, 1);
-                                if let Some(m) = &self.drop {
-                                    m.apply(ds, t * s * s);
-                                }
-                                // dS = P ∘ (dP − rowsum(dP ∘ P)) · scale
-                                softmax_backward_rows(ds, p, s, scale);
-                                unsafe {
-                                    // dQ = dS · K
-                                    gemm_raw(
-                                        dqp.at(off),
-                                        h,
-                                        s,
-                                        d,
-                                        Mat::rm(ds, s, s),
-                                        dm.head(k, bi, hi),
-                                        Acc::Overwrite,
-                                        1.0,
-                                        1,
-                                    );
-                                    // dK = dSᵀ · Q
-                                    gemm_raw(
-                                        dkp.at(off),
-                                        h,
-                                        s,
-                                        d,
-                                        Mat::rm(ds, s, s).t(),
-                                        dm.head(q, bi, hi),
-                                        Acc::Overwrite,
-                                        1.0,
-                                        1,
-                                    );
-                                }
-                            },
-                        )
+                        // Safety: three separate buffers laid out as q, k and v.
+                        unsafe {
+                            backward(dm, q, k, v, probs, go, self.drop.as_ref(), dqp, dkp, dvp)
+                        }
                     })
                 })
             })

@@ -100,7 +100,13 @@ fn backward_rows(
 }
 
 /// `LN(x [+ res])` over all rows, in parallel.
-fn forward_all(x: &[f32], res: Option<&[f32]>, g: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
+pub(crate) fn forward_all(
+    x: &[f32],
+    res: Option<&[f32]>,
+    g: &[f32],
+    b: &[f32],
+    eps: f32,
+) -> Vec<f32> {
     let h = g.len();
     let mut y = uninit(x.len());
     let per = rows_per_chunk(x.len() / h) * h;
@@ -116,7 +122,7 @@ fn forward_all(x: &[f32], res: Option<&[f32]>, g: &[f32], b: &[f32], eps: f32) -
 
 /// The backward over all rows: `(dx, dγ, dβ)`, the parameter gradients summed over fixed
 /// row blocks in block order (deterministic).
-fn backward_all(
+pub(crate) fn backward_all(
     x: &[f32],
     res: Option<&[f32]>,
     dy: &[f32],

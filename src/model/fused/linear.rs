@@ -8,7 +8,7 @@
 use super::dropout::Mask;
 use super::gemm::{gemm, threads, Acc, Mat};
 use super::math::{act_grad_mul, act_slice};
-use super::{column_sums, copy_then, cpu_out, cpu_slice, rows_per_chunk, tensor, uninit, Read};
+use super::{column_sums_rs, copy_then, cpu_out, cpu_slice, rows_per_chunk, tensor, uninit, Read};
 use crate::model::config::Activation;
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
@@ -56,21 +56,8 @@ impl CustomOp3 for LinearOp {
         let w = cpu_slice(ws, wl, self.name())?;
         let b = cpu_slice(bs, bl, self.name())?;
         let mut y = uninit(rows * out);
+        forward_into(&mut y, out, x, w, b, rows, inp, out);
         let per = rows_per_chunk(rows) * out;
-        y.par_chunks_mut(per).for_each(|c| {
-            for row in c.chunks_exact_mut(out) {
-                row.copy_from_slice(b);
-            }
-        });
-        gemm(
-            &mut y,
-            out,
-            Mat::rm(x, rows, inp),
-            Mat::rm(w, out, inp).t(),
-            Acc::Add,
-            1.0,
-            threads(),
-        );
         // Activation and dropout in one pass; out of place when the pre-activation is kept.
         let post = |i: usize, c: &mut [f32]| {
             if let Some(a) = self.act {
@@ -141,6 +128,37 @@ impl CustomOp3 for LinearOp {
     }
 }
 
+/// `y ← x · Wᵀ + b` for `x` `[rows, inp]`, `W` `[out, inp]` and `y` `[rows, out]` with rows
+/// `y_rs` apart (a column block of a wider matrix when `y_rs > out`): the bias written into
+/// the rows (in parallel), gemm accumulating onto it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_into(
+    y: &mut [f32],
+    y_rs: usize,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    rows: usize,
+    inp: usize,
+    out: usize,
+) {
+    let per = rows_per_chunk(rows) * y_rs;
+    y.par_chunks_mut(per).for_each(|c| {
+        for row in c.chunks_mut(y_rs) {
+            row[..out].copy_from_slice(b);
+        }
+    });
+    gemm(
+        y,
+        y_rs,
+        Mat::rm(x, rows, inp),
+        Mat::rm(w, out, inp).t(),
+        Acc::Add,
+        1.0,
+        threads(),
+    );
+}
+
 /// `dx = g'·W`, `dW = g'ᵀ·x`, `db = Σ_rows g'` for `g'` `[rows, out]`.
 fn linear_grads(
     gp: &[f32],
@@ -151,17 +169,33 @@ fn linear_grads(
     out: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let mut dx = uninit(rows * inp);
+    let (dw, db) = backward_into(gp, out, x, w, rows, inp, out, &mut dx, Acc::Overwrite);
+    (dx, dw, db)
+}
+
+/// `dx (=|+=) g'·W` as `acc` says, and returns `(dW, db) = (g'ᵀ·x, Σ_rows g')`, for `g'`
+/// `[rows, out]` with rows `g_rs` apart.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_into(
+    gp: &[f32],
+    g_rs: usize,
+    x: &[f32],
+    w: &[f32],
+    rows: usize,
+    inp: usize,
+    out: usize,
+    dx: &mut [f32],
+    acc: Acc,
+) -> (Vec<f32>, Vec<f32>) {
     let mut dw = uninit(out * inp);
-    let g = Mat::rm(gp, rows, out);
-    gemm(
-        &mut dx,
-        inp,
-        g,
-        Mat::rm(w, out, inp),
-        Acc::Overwrite,
-        1.0,
-        threads(),
-    );
+    let g = Mat {
+        data: gp,
+        rows,
+        cols: out,
+        rs: g_rs,
+        cs: 1,
+    };
+    gemm(dx, inp, g, Mat::rm(w, out, inp), acc, 1.0, threads());
     gemm(
         &mut dw,
         inp,
@@ -171,7 +205,7 @@ fn linear_grads(
         1.0,
         threads(),
     );
-    (dx, dw, column_sums(gp, out))
+    (dw, column_sums_rs(gp, rows, out, g_rs))
 }
 
 /// `dropout(act(x · Wᵀ + b))` for `x` `[.., in]`, `W` `[out, in]`, `b` `[out]` (f32, CPU).

@@ -16,8 +16,10 @@
 //! composed ops, and the encoder parity tests check the whole model against PyTorch.
 
 pub mod attention;
+pub mod block;
 pub mod dropout;
 pub mod gemm;
+pub mod grads;
 pub mod layer_norm;
 pub mod linear;
 pub mod losses;
@@ -134,14 +136,16 @@ pub(crate) fn rows_per_chunk(rows: usize) -> usize {
 /// reduction adds in the same order on every run: resumed runs stay bitwise identical.
 pub(crate) const REDUCE_ROWS: usize = 64;
 
-/// Sums `rows × cols` row-major `x` over its rows: the gradient of a broadcast bias.
-pub(crate) fn column_sums(x: &[f32], cols: usize) -> Vec<f32> {
+/// Sums `rows × cols` over its rows (the gradient of a broadcast bias), rows `rs` elements
+/// apart (`rs > cols`: a column block of a wider matrix).
+pub(crate) fn column_sums_rs(x: &[f32], rows: usize, cols: usize, rs: usize) -> Vec<f32> {
+    let x = &x[..rows.saturating_sub(1) * rs + if rows > 0 { cols } else { 0 }];
     let partial: Vec<Vec<f32>> = x
-        .par_chunks(REDUCE_ROWS * cols)
+        .par_chunks(REDUCE_ROWS * rs)
         .map(|chunk| {
             let mut acc = vec![0f32; cols];
-            for row in chunk.chunks_exact(cols) {
-                for (a, v) in acc.iter_mut().zip(row) {
+            for row in chunk.chunks(rs) {
+                for (a, v) in acc.iter_mut().zip(&row[..cols]) {
                     *a += v;
                 }
             }
@@ -181,5 +185,13 @@ impl SharedMut {
     /// `offset` must be inside the slice this was made from.
     pub unsafe fn at(self, offset: usize) -> *mut f32 {
         self.0.add(offset)
+    }
+
+    /// The same slice seen from `offset` elements in.
+    ///
+    /// # Safety
+    /// As [`SharedMut::at`].
+    pub unsafe fn offset(self, offset: usize) -> SharedMut {
+        SharedMut(self.0.add(offset))
     }
 }

@@ -1,0 +1,382 @@
+//! A whole post-LN transformer layer as one graph node:
+//!
+//! ```text
+//! q, k, v = x·W_qᵀ + b_q, …            one [rows, 3h] buffer, heads read in place
+//! a = LN₁(dropout(attention(q, k, v)·W_oᵀ + b_o) + x)
+//! y = LN₂(dropout(act(a·W_1ᵀ + b_1)·W_2ᵀ + b_2) + a)
+//! ```
+//!
+//! The per-op kernels ([`super::linear`], [`super::attention`], [`super::layer_norm`]) make
+//! a layer ten graph nodes with thirteen activation-sized edges between them, and candle's
+//! backward zero-fills and adds a gradient buffer for every edge, serially (~22 ms of a
+//! 250 ms small distillation step). As one node the layer has one input edge: the backward
+//! runs the same steps in reverse over buffers it owns, accumulating in place (`da`
+//! collects the residual and the FFN input gradient; `dx` the residual and the q, k, v
+//! input gradients, by gemm accumulation). The parameters are captured rather than graph
+//! inputs (a custom op has at most three); their gradients go to the encoder's
+//! [`GradSink`].
+//!
+//! The dropout masks are drawn by the caller in the order the per-op path draws them, so
+//! both paths compute the same function of the same RNG state (`tests/fused.rs`).
+
+use super::attention::{self, Dims};
+use super::dropout::Mask;
+use super::gemm::Acc;
+use super::grads::GradSink;
+use super::layer_norm::{backward_all, forward_all};
+use super::linear::{backward_into, forward_into};
+use super::math::{act_grad_mul, act_slice};
+use super::{copy_then, cpu_out, cpu_slice, rows_per_chunk, tensor, uninit, Read, SharedMut};
+use crate::model::config::Activation;
+use anyhow::Result;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// A layer's parameters, each `(weight, bias)`: the linears' weights are `[out, in]`.
+#[derive(Clone)]
+pub struct LayerWeights {
+    pub query: (Tensor, Tensor),
+    pub key: (Tensor, Tensor),
+    pub value: (Tensor, Tensor),
+    pub attn_out: (Tensor, Tensor),
+    pub attn_norm: (Tensor, Tensor),
+    pub intermediate: (Tensor, Tensor),
+    pub output: (Tensor, Tensor),
+    pub out_norm: (Tensor, Tensor),
+}
+
+impl LayerWeights {
+    fn all(&self) -> [&Tensor; 16] {
+        let p = [
+            &self.query,
+            &self.key,
+            &self.value,
+            &self.attn_out,
+            &self.attn_norm,
+            &self.intermediate,
+            &self.output,
+            &self.out_norm,
+        ];
+        let mut out = [&self.query.0; 16];
+        for (i, (w, b)) in p.into_iter().enumerate() {
+            out[2 * i] = w;
+            out[2 * i + 1] = b;
+        }
+        out
+    }
+
+    /// Whether the layer can run as one node: f32 CPU parameters that are trainable leaves
+    /// or constants (see [`GradSink::accepts`]).
+    pub fn fusable(&self) -> bool {
+        self.all()
+            .iter()
+            .all(|t| super::enabled_for(t) && GradSink::accepts(t))
+    }
+
+    fn track(&self) -> bool {
+        self.all().iter().any(|t| t.track_op())
+    }
+}
+
+/// What the backward needs from the forward (training only).
+struct Saved {
+    qkv: Vec<f32>,
+    probs: Vec<f32>,
+    ctx: Vec<f32>,
+    /// The attention output after dropout (LN₁'s input, with `x`).
+    a_d: Vec<f32>,
+    a: Vec<f32>,
+    i_pre: Vec<f32>,
+    i: Vec<f32>,
+    /// The FFN output after dropout (LN₂'s input, with `a`).
+    o_d: Vec<f32>,
+}
+
+/// The dropout masks of one layer, drawn in this order: attention probabilities
+/// `[b, heads, s, s]`, attention output `[rows, h]`, FFN output `[rows, h]`.
+#[derive(Default)]
+pub struct LayerMasks {
+    pub attention: Option<Mask>,
+    pub attn_out: Option<Mask>,
+    pub output: Option<Mask>,
+}
+
+struct LayerOp {
+    w: LayerWeights,
+    heads: usize,
+    act: Activation,
+    eps: f32,
+    key_mask: Option<Arc<Vec<u8>>>,
+    masks: LayerMasks,
+    keep: bool,
+    saved: Mutex<Option<Saved>>,
+    sink: GradSink,
+}
+
+/// The slices of `ts` (f32, contiguous, CPU), for the length of `f`.
+fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> candle_core::Result<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (storage, layout) in &guards {
+        let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
+            (&**storage, layout.contiguous_offsets())
+        else {
+            return Err(candle_core::Error::Msg(
+                "fused layer: parameters must be contiguous f32 CPU tensors".into(),
+            ));
+        };
+        slices.push(&v[a..b]);
+    }
+    Ok(f(&slices))
+}
+
+/// `x *= mask` in parallel blocks (element indices as the mask's).
+fn apply_mask(x: &mut [f32], mask: Option<&Mask>) {
+    if let Some(m) = mask {
+        const B: usize = 1 << 14;
+        x.par_chunks_mut(B)
+            .enumerate()
+            .for_each(|(i, c)| m.apply(c, i * B));
+    }
+}
+
+/// A copy of `g` through `mask` (the gradient of a dropout).
+fn masked_copy(g: &[f32], mask: Option<&Mask>) -> Vec<f32> {
+    const B: usize = 1 << 14;
+    copy_then(g, B, |i, c| {
+        if let Some(m) = mask {
+            m.apply(c, i * B)
+        }
+    })
+}
+
+impl LayerOp {
+    fn dims(&self, l: &Layout) -> candle_core::Result<(Dims, usize)> {
+        let (b, s, h) = l.shape().dims3()?;
+        let (f, fin) = self.w.intermediate.0.dims2()?;
+        if self.heads == 0 || h % self.heads != 0 || fin != h {
+            return Err(candle_core::Error::Msg(format!(
+                "fused layer: hidden {h}, {} heads, intermediate weight [{f}, {fin}]",
+                self.heads
+            )));
+        }
+        let dm = Dims {
+            b,
+            s,
+            nh: self.heads,
+            d: h / self.heads,
+            rs: 3 * h,
+        };
+        Ok((dm, f))
+    }
+}
+
+impl CustomOp1 for LayerOp {
+    fn name(&self) -> &'static str {
+        "fused-layer"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_slice(s, l, self.name())?;
+        let (dm, f) = self.dims(l)?;
+        let h = dm.nh * dm.d;
+        let rows = dm.b * dm.s;
+        let y = with_slices(&self.w.all(), |p| {
+            let [wq, bq, wk, bk, wv, bv, wo, bo, g1, be1, w1, b1, w2, b2, g2, be2] = p else {
+                unreachable!("sixteen parameters")
+            };
+            let mut qkv = uninit(rows * 3 * h);
+            for (j, (w, b)) in [(wq, bq), (wk, bk), (wv, bv)].into_iter().enumerate() {
+                forward_into(&mut qkv[j * h..], 3 * h, x, w, b, rows, h, h);
+            }
+            let mut ctx = uninit(rows * h);
+            let probs = attention::forward(
+                dm,
+                &qkv,
+                &qkv[h..],
+                &qkv[2 * h..],
+                &mut ctx,
+                self.key_mask.as_deref().map(|m| m.as_slice()),
+                self.masks.attention.as_ref(),
+                self.keep,
+            );
+            let mut a_d = uninit(rows * h);
+            forward_into(&mut a_d, h, &ctx, wo, bo, rows, h, h);
+            apply_mask(&mut a_d, self.masks.attn_out.as_ref());
+            let a = forward_all(&a_d, Some(x), g1, be1, self.eps);
+            let mut i_pre = uninit(rows * f);
+            forward_into(&mut i_pre, f, &a, w1, b1, rows, h, f);
+            let per = rows_per_chunk(rows) * f;
+            let i = if self.keep {
+                copy_then(&i_pre, per, |_, c| act_slice(self.act, c))
+            } else {
+                i_pre
+                    .par_chunks_mut(per)
+                    .for_each(|c| act_slice(self.act, c));
+                std::mem::take(&mut i_pre)
+            };
+            let mut o_d = uninit(rows * h);
+            forward_into(&mut o_d, h, &i, w2, b2, rows, f, h);
+            apply_mask(&mut o_d, self.masks.output.as_ref());
+            let y = forward_all(&o_d, Some(&a), g2, be2, self.eps);
+            if let Some(probs) = probs {
+                *self.saved.lock().unwrap() = Some(Saved {
+                    qkv,
+                    probs,
+                    ctx,
+                    a_d,
+                    a,
+                    i_pre,
+                    i,
+                    o_d,
+                });
+            }
+            y
+        })?;
+        Ok((cpu_out(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (dm, f) = self.dims(x.layout())?;
+        let h = dm.nh * dm.d;
+        let rows = dm.b * dm.s;
+        let saved = self.saved.lock().unwrap().take().ok_or_else(|| {
+            candle_core::Error::Msg("fused layer: backward of a layer run without keep".into())
+        })?;
+        let Saved {
+            qkv,
+            probs,
+            ctx,
+            a_d,
+            a,
+            i_pre,
+            i,
+            o_d,
+        } = saved;
+        let (xr, gr) = (Read::new(x)?, Read::new(grad)?);
+        let w = &self.w;
+        let (dx, grads) = with_slices(&w.all(), |p| {
+            let [wq, _, wk, _, wv, _, wo, _, g1, _, w1, _, w2, _, g2, _] = p else {
+                unreachable!("sixteen parameters")
+            };
+            xr.with(|x| {
+                gr.with(|dy| {
+                    // LN₂ over o_d + a.
+                    let (mut da, dg2, dbe2) = backward_all(&o_d, Some(&a), dy, g2, self.eps);
+                    let d_o = masked_copy(&da, self.masks.output.as_ref());
+                    // FFN out: di = do·W₂, then through the activation.
+                    let mut di = uninit(rows * f);
+                    let (dw2, db2) =
+                        backward_into(&d_o, h, &i, w2, rows, f, h, &mut di, Acc::Overwrite);
+                    drop(d_o);
+                    let per = rows_per_chunk(rows) * f;
+                    di.par_chunks_mut(per)
+                        .zip(i_pre.par_chunks(per))
+                        .for_each(|(g, p)| act_grad_mul(self.act, g, p));
+                    // FFN in: da += di_pre·W₁ (da already holds the residual's share).
+                    let (dw1, db1) = backward_into(&di, f, &a, w1, rows, h, f, &mut da, Acc::Add);
+                    drop(di);
+                    // LN₁ over a_d + x.
+                    let (mut dx, dg1, dbe1) = backward_all(&a_d, Some(x), &da, g1, self.eps);
+                    drop(da);
+                    let da_pre = masked_copy(&dx, self.masks.attn_out.as_ref());
+                    let mut dctx = uninit(rows * h);
+                    let (dwo, dbo) =
+                        backward_into(&da_pre, h, &ctx, wo, rows, h, h, &mut dctx, Acc::Overwrite);
+                    drop(da_pre);
+                    let mut dqkv = uninit(rows * 3 * h);
+                    let dp = SharedMut::new(&mut dqkv);
+                    // Safety: q, k and v's gradients are the three column blocks of dqkv,
+                    // laid out as `dm` says; nothing else touches it meanwhile.
+                    unsafe {
+                        attention::backward(
+                            dm,
+                            &qkv,
+                            &qkv[h..],
+                            &qkv[2 * h..],
+                            &probs,
+                            &dctx,
+                            self.masks.attention.as_ref(),
+                            dp,
+                            dp.offset(h),
+                            dp.offset(2 * h),
+                        )
+                    };
+                    drop(dctx);
+                    // dx (the residual's share) += dq·W_q + dk·W_k + dv·W_v.
+                    let mut qkv_grads = Vec::with_capacity(6);
+                    for (j, wj) in [wq, wk, wv].into_iter().enumerate() {
+                        let (dwj, dbj) = backward_into(
+                            &dqkv[j * h..],
+                            3 * h,
+                            x,
+                            wj,
+                            rows,
+                            h,
+                            h,
+                            &mut dx,
+                            Acc::Add,
+                        );
+                        qkv_grads.push(dwj);
+                        qkv_grads.push(dbj);
+                    }
+                    let mut q = qkv_grads.into_iter();
+                    let mut next = || q.next().expect("six q, k, v gradients");
+                    let grads = [
+                        next(),
+                        next(),
+                        next(),
+                        next(),
+                        next(),
+                        next(),
+                        dwo,
+                        dbo,
+                        dg1,
+                        dbe1,
+                        dw1,
+                        db1,
+                        dw2,
+                        db2,
+                        dg2,
+                        dbe2,
+                    ];
+                    (dx, grads)
+                })
+            })
+        })?;
+        for (param, g) in w.all().into_iter().zip(grads) {
+            self.sink.add(param, g);
+        }
+        Ok(Some(tensor(dx, x.dims())?))
+    }
+}
+
+/// One transformer layer over `x` `[batch, seq, h]` (f32, CPU) as a single graph node; see
+/// the module docs. `key_mask` `[batch · seq]`: 1 where a key may be attended to. The
+/// parameters' gradients go to `sink`.
+#[allow(clippy::too_many_arguments)]
+pub fn layer(
+    x: &Tensor,
+    w: &LayerWeights,
+    heads: usize,
+    act: Activation,
+    eps: f64,
+    key_mask: Option<Arc<Vec<u8>>>,
+    masks: LayerMasks,
+    sink: &GradSink,
+) -> Result<Tensor> {
+    let keep = x.track_op() || w.track();
+    let op = LayerOp {
+        w: w.clone(),
+        heads,
+        act,
+        eps: eps as f32,
+        key_mask,
+        masks,
+        keep,
+        saved: Mutex::new(None),
+        sink: sink.clone(),
+    };
+    Ok(x.contiguous()?.apply_op1(op)?)
+}
