@@ -3,8 +3,10 @@
 //! candle 0.11 differentiates a composed op graph node by node, and its backward allocates a
 //! zero tensor and adds to it for every node's first gradient (views included: a reshape or a
 //! transpose costs a full copy in the backward). A BERT block written with candle's ops is
-//! ~60 graph nodes; written with these kernels it is 10 (four linears, attention, two
-//! residual adds, two layer norms, and the dropout folded into the ops that precede it).
+//! ~60 graph nodes; written with the per-op kernels it is 10 (four linears, attention, two
+//! residual adds, two layer norms, and the dropout folded into the ops that precede it), and
+//! with [`block`] (the default) it is one, whose parameters' gradients bypass candle's store
+//! through [`grads::GradSink`] (collect them with `Encoder::backward`).
 //! Each kernel is a `CustomOp` whose `bwd` computes the gradients of all its inputs in one
 //! pass over raw `f32` slices, calling `gemm` directly (with the strides it needs, so no
 //! transposed copies) and parallelising attention across (batch, head) pairs rather than
