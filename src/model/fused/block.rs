@@ -242,7 +242,13 @@ impl CustomOp1 for LayerOp {
         let h = dm.nh * dm.d;
         let rows = dm.b * dm.s;
         let saved = self.saved.lock().unwrap().take().ok_or_else(|| {
-            candle_core::Error::Msg("fused layer: backward of a layer run without keep".into())
+            // Saved only when the forward tracked gradients; released by the first backward
+            // (freeing them early lowers the backward's peak memory).
+            candle_core::Error::Msg(
+                "fused layer: no saved activations (forward run without gradient tracking, or \
+                 a second backward pass over the same graph)"
+                    .into(),
+            )
         })?;
         let Saved {
             qkv,
