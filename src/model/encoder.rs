@@ -52,8 +52,6 @@ struct Embeddings {
 }
 
 struct Block {
-    /// The same tensors, for the whole-layer kernel.
-    weights: fused::block::LayerWeights,
     query: Linear,
     key: Linear,
     value: Linear,
@@ -62,6 +60,24 @@ struct Block {
     intermediate: Linear,
     output: Linear,
     out_norm: LayerNorm,
+}
+
+impl Block {
+    /// The layer's tensors as the whole-layer kernel takes them (`None` without biases).
+    fn layer_weights(&self) -> Option<fused::block::LayerWeights> {
+        let lin = |l: &Linear| Some((l.weight.clone(), l.bias.clone()?));
+        let norm = |n: &LayerNorm| (n.weight.clone(), n.bias.clone());
+        Some(fused::block::LayerWeights {
+            query: lin(&self.query)?,
+            key: lin(&self.key)?,
+            value: lin(&self.value)?,
+            attn_out: lin(&self.attn_out)?,
+            attn_norm: norm(&self.attn_norm),
+            intermediate: lin(&self.intermediate)?,
+            output: lin(&self.output)?,
+            out_norm: norm(&self.out_norm),
+        })
+    }
 }
 
 struct MlmHead {
@@ -130,23 +146,7 @@ impl Encoder {
         let blocks = (0..cfg.num_blocks())
             .map(|k| {
                 let p = format!("encoder.layer.{k}");
-                let wb = |name: &str| -> Result<(Tensor, Tensor)> {
-                    Ok((
-                        t(&format!("{p}.{name}.weight"))?,
-                        t(&format!("{p}.{name}.bias"))?,
-                    ))
-                };
                 Ok(Block {
-                    weights: fused::block::LayerWeights {
-                        query: wb("attention.self.query")?,
-                        key: wb("attention.self.key")?,
-                        value: wb("attention.self.value")?,
-                        attn_out: wb("attention.output.dense")?,
-                        attn_norm: wb("attention.output.LayerNorm")?,
-                        intermediate: wb("intermediate.dense")?,
-                        output: wb("output.dense")?,
-                        out_norm: wb("output.LayerNorm")?,
-                    },
                     query: lin(&format!("{p}.attention.self.query"))?,
                     key: lin(&format!("{p}.attention.self.key"))?,
                     value: lin(&format!("{p}.attention.self.value"))?,
@@ -441,7 +441,8 @@ impl Encoder {
         let (b, s, h) = x.dims3()?;
         let (nh, hd) = (cfg.num_heads, cfg.head_dim());
         if let AttentionMask::Keys(key_mask) = mask {
-            if self.layer_kernel && blk.weights.fusable() {
+            let weights = self.layer_kernel.then(|| blk.layer_weights()).flatten();
+            if let Some(weights) = weights.filter(|w| w.fusable()) {
                 // The masks in the order the per-op path draws them.
                 let mut draw = |n: usize, p: f32| match rng.as_deref_mut() {
                     Some(r) if p > 0.0 => Some(Mask::draw(r, n, p)),
@@ -454,7 +455,7 @@ impl Encoder {
                 };
                 let y = fused::block::layer(
                     x,
-                    &blk.weights,
+                    weights,
                     nh,
                     cfg.hidden_act,
                     cfg.layer_norm_eps,

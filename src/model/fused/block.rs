@@ -79,6 +79,9 @@ impl LayerWeights {
     }
 }
 
+/// A parameter pair's name, tensors, and the weight and bias shapes it must have.
+type ShapeCheck<'a> = (&'a str, &'a (Tensor, Tensor), &'a [usize], &'a [usize]);
+
 /// What the backward needs from the forward (training only).
 struct Saved {
     qkv: Vec<f32>,
@@ -131,35 +134,52 @@ fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> candle_core
     Ok(f(&slices))
 }
 
-/// `x *= mask` in parallel blocks (element indices as the mask's).
+/// `x *= mask`, when there is one.
 fn apply_mask(x: &mut [f32], mask: Option<&Mask>) {
     if let Some(m) = mask {
-        const B: usize = 1 << 14;
-        x.par_chunks_mut(B)
-            .enumerate()
-            .for_each(|(i, c)| m.apply(c, i * B));
+        m.apply_all(x);
     }
 }
 
-/// A copy of `g` through `mask` (the gradient of a dropout).
+/// A copy of `g` through `mask` (the gradient of a dropout), in parallel.
 fn masked_copy(g: &[f32], mask: Option<&Mask>) -> Vec<f32> {
-    const B: usize = 1 << 14;
-    copy_then(g, B, |i, c| {
-        if let Some(m) = mask {
-            m.apply(c, i * B)
-        }
-    })
+    match mask {
+        Some(m) => m.masked_copy(g),
+        None => copy_then(g, 1 << 14, |_, _| {}),
+    }
 }
 
 impl LayerOp {
     fn dims(&self, l: &Layout) -> candle_core::Result<(Dims, usize)> {
         let (b, s, h) = l.shape().dims3()?;
-        let (f, fin) = self.w.intermediate.0.dims2()?;
-        if self.heads == 0 || h % self.heads != 0 || fin != h {
+        let (f, _) = self.w.intermediate.0.dims2()?;
+        if self.heads == 0 || h % self.heads != 0 {
             return Err(candle_core::Error::Msg(format!(
-                "fused layer: hidden {h}, {} heads, intermediate weight [{f}, {fin}]",
+                "fused layer: hidden {h} is not a multiple of {} heads",
                 self.heads
             )));
+        }
+        // Every parameter's shape, against the input's width h and the FFN's width f.
+        let w = &self.w;
+        let expected: [ShapeCheck; 8] = [
+            ("query", &w.query, &[h, h], &[h]),
+            ("key", &w.key, &[h, h], &[h]),
+            ("value", &w.value, &[h, h], &[h]),
+            ("attention output", &w.attn_out, &[h, h], &[h]),
+            ("attention layer norm", &w.attn_norm, &[h], &[h]),
+            ("intermediate", &w.intermediate, &[f, h], &[f]),
+            ("output", &w.output, &[h, f], &[h]),
+            ("output layer norm", &w.out_norm, &[h], &[h]),
+        ];
+        for (name, (wt, bt), ws, bs) in expected {
+            if wt.dims() != ws || bt.dims() != bs {
+                return Err(candle_core::Error::Msg(format!(
+                    "fused layer: {name} weight {:?} and bias {:?}, expected {ws:?} and {bs:?} \
+                     for hidden {h}",
+                    wt.dims(),
+                    bt.dims()
+                )));
+            }
         }
         let dm = Dims {
             b,
@@ -364,7 +384,7 @@ impl CustomOp1 for LayerOp {
 #[allow(clippy::too_many_arguments)]
 pub fn layer(
     x: &Tensor,
-    w: &LayerWeights,
+    w: LayerWeights,
     heads: usize,
     act: Activation,
     eps: f64,
@@ -374,7 +394,7 @@ pub fn layer(
 ) -> Result<Tensor> {
     let keep = x.track_op() || w.track();
     let op = LayerOp {
-        w: w.clone(),
+        w,
         heads,
         act,
         eps: eps as f32,

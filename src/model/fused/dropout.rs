@@ -61,6 +61,20 @@ impl Mask {
     }
 }
 
+impl Mask {
+    /// `x *= mask` over the whole mask, in parallel blocks.
+    pub(crate) fn apply_all(&self, x: &mut [f32]) {
+        x.par_chunks_mut(BLOCK)
+            .enumerate()
+            .for_each(|(i, c)| self.apply(c, i * BLOCK));
+    }
+
+    /// `src · mask` as a new vector (a dropout's output, or its gradient), in parallel.
+    pub(crate) fn masked_copy(&self, src: &[f32]) -> Vec<f32> {
+        copy_then(src, BLOCK, |i, c| self.apply(c, i * BLOCK))
+    }
+}
+
 /// `x[i] *= keep[i] · scale`.
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
@@ -84,13 +98,13 @@ impl CustomOp1 for DropoutOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_slice(s, l, self.name())?;
-        let y = copy_then(x, BLOCK, |i, c| self.mask.apply(c, i * BLOCK));
+        let y = self.mask.masked_copy(x);
         Ok((cpu_out(y), l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let g = Read::new(grad)?;
-        let dx = g.with(|g| copy_then(g, BLOCK, |i, c| self.mask.apply(c, i * BLOCK)));
+        let dx = g.with(|g| self.mask.masked_copy(g));
         Ok(Some(tensor(dx, grad.dims())?))
     }
 }
