@@ -368,12 +368,17 @@ fn main() -> Result<()> {
         })
     };
     let mut times = Vec::with_capacity(args.iters);
-    for i in 0..args.warmup + args.iters {
-        let t = step().with_context(|| format!("step {i}"))?;
-        if i >= args.warmup {
-            times.push(t);
+    let mut run = || -> Result<()> {
+        for i in 0..args.warmup + args.iters {
+            let t = step().with_context(|| format!("step {i}"))?;
+            if i >= args.warmup {
+                times.push(t);
+            }
         }
-    }
+        Ok(())
+    };
+    // As the trainer runs its steps: on a pool worker, the other workers spinning.
+    distil::util::threads::run_hot(run)?;
     let totals: Vec<f64> = times.iter().map(|t| t.total).collect();
     let part = |f: fn(&StepTimes) -> f64| median(&times.iter().map(f).collect::<Vec<_>>());
     let median_s = median(&totals);

@@ -266,11 +266,20 @@ pub fn run(args: &BenchArgs) -> Result<Value> {
         Ok(dt)
     };
     let mut times = Vec::with_capacity(args.iters);
-    for i in 0..args.warmup + args.iters {
-        let t = step()?;
-        if i >= args.warmup {
-            times.push(t);
+    let mut run = || -> Result<()> {
+        for i in 0..args.warmup + args.iters {
+            let t = step()?;
+            if i >= args.warmup {
+                times.push(t);
+            }
         }
+        Ok(())
+    };
+    if dev.is_cpu() {
+        // As the trainer runs its steps (see `run_hot`).
+        crate::util::threads::run_hot(run)?;
+    } else {
+        run()?;
     }
     let median_s = median(&times);
     let flops = forward_matmul_flops(&teacher.cfg, b, s, n_masked)

@@ -28,7 +28,7 @@ pub struct StepLoss {
     pub parts: Vec<(&'static str, f64)>,
 }
 
-pub trait Objective {
+pub trait Objective: Sync {
     /// The loss of `student` on `batch` in training mode (dropout from `rng`).
     fn loss(
         &self,

@@ -77,7 +77,12 @@ impl Trainer<'_> {
     /// as one rank of several (see [`super::distributed`]).
     pub fn run(&self, run_dir: &RunDir, resume: bool) -> Result<RunSummary> {
         let dist = super::distributed::current()?;
-        self.run_on(run_dir, resume, &dist)
+        if self.model.device().is_cpu() && !dist.is_distributed() {
+            // The step's parallel work picked up by spinning workers (see `run_hot`).
+            crate::util::threads::run_hot(|| self.run_on(run_dir, resume, &Dist::single()))
+        } else {
+            self.run_on(run_dir, resume, &dist)
+        }
     }
 
     /// [`Trainer::run`] as rank `dist.rank` of `dist.world_size`: each optimiser step takes
