@@ -368,7 +368,7 @@ fn main() -> Result<()> {
         })
     };
     let mut times = Vec::with_capacity(args.iters);
-    let mut run = || -> Result<()> {
+    let run = || -> Result<()> {
         for i in 0..args.warmup + args.iters {
             let t = step().with_context(|| format!("step {i}"))?;
             if i >= args.warmup {
