@@ -36,6 +36,16 @@ fn exp_erf_tanh_are_accurate() {
     assert!(worst.0 < 5e-7, "exp relative error {}", worst.0);
     assert!(worst.1 < 1e-6, "erf absolute error {}", worst.1);
     assert!(worst.2 < 1e-6, "tanh absolute error {}", worst.2);
+    // ln over the range the soft-target KL sees (probabilities clamped at 1e-30) and beyond.
+    let mut worst_ln = 0f64;
+    for i in 0..=n {
+        let x = (-69.0 + 100.0 * i as f64 / n as f64).exp() as f32;
+        let l = (x as f64).ln();
+        worst_ln = worst_ln.max((math::ln(x) as f64 - l).abs() / l.abs().max(1.0));
+    }
+    println!("ln rel (abs below 1) {worst_ln:.2e}");
+    assert!(worst_ln < 5e-7, "ln error {worst_ln}");
+    assert_eq!(math::ln(1.0), 0.0);
     assert!(math::exp(-200.0) < 1.1e-38);
     assert!(math::exp(-87.0) > 0.0);
 }

@@ -5,14 +5,14 @@
 //! over `[rows, vocab]` tensors. `src/loss/*` dispatches here for f32 CPU tensors;
 //! `tests/fused.rs` compares both paths.
 
-use super::math::{dot, exp, max, sum};
-use super::{cpu_slice, tensor, Read};
+use super::math::{dot, exp, ln, max, sum};
+use super::{cpu_slice, tensor, uninit, Read};
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
 
-/// `log Σ exp(x)` of a row.
+/// `log Σ exp(x · scale)` of a row (`scratch`: a row of space).
 #[inline(always)]
 fn logsumexp(x: &[f32], scale: f32, scratch: &mut [f32]) -> f32 {
     let m = max(x) * scale;
@@ -20,6 +20,86 @@ fn logsumexp(x: &[f32], scale: f32, scratch: &mut [f32]) -> f32 {
         *s = exp(v * scale - m);
     }
     m + sum(scratch).ln()
+}
+
+// The per-row kernels, compiled for AVX-512 and AVX2 with a run-time choice: the parallel
+// closures that call them are built for baseline x86-64, where `exp` ran four lanes at a
+// time and `ln` was a libm call per element.
+
+/// `−log softmax(row)[t]`.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn ce_row(row: &[f32], t: usize, scratch: &mut [f32]) -> f32 {
+    logsumexp(row, 1.0, scratch) - row[t]
+}
+
+/// `d = (softmax(row) − onehot(t)) · g`.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn ce_grad_row(d: &mut [f32], row: &[f32], t: usize, g: f32) {
+    let lse = logsumexp(row, 1.0, d);
+    for (d, &r) in d.iter_mut().zip(row) {
+        *d = exp(r - lse) * g;
+    }
+    d[t] -= g;
+}
+
+/// `Σ p (log p − log softmax(s/T))` of one row (terms with p = 0 are 0).
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn kl_row(s: &[f32], p: &[f32], inv_t: f32, scratch: &mut [f32]) -> f32 {
+    let lse = logsumexp(s, inv_t, scratch);
+    // Sixteen accumulators, as `math::sum`, so the loop vectorises.
+    let mut acc = [0f32; 16];
+    let term = |x: f32, pv: f32| {
+        let v = pv * (ln(pv.max(1e-30)) - (x * inv_t - lse));
+        if pv > 0.0 {
+            v
+        } else {
+            0.0
+        }
+    };
+    let (mut cs, mut cp) = (s.chunks_exact(16), p.chunks_exact(16));
+    for (xs, ps) in (&mut cs).zip(&mut cp) {
+        for i in 0..16 {
+            acc[i] += term(xs[i], ps[i]);
+        }
+    }
+    let mut total = 0f32;
+    for (&x, &pv) in cs.remainder().iter().zip(cp.remainder()) {
+        total += term(x, pv);
+    }
+    total + acc.iter().sum::<f32>()
+}
+
+/// `d = (softmax(s/T) − p) · g`.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn kl_grad_row(d: &mut [f32], s: &[f32], p: &[f32], inv_t: f32, g: f32) {
+    let lse = logsumexp(s, inv_t, d);
+    for ((d, &x), &pv) in d.iter_mut().zip(s).zip(p) {
+        *d = (exp(x * inv_t - lse) - pv) * g;
+    }
+}
+
+/// `o = softmax(row / T)`.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn softmax_row(o: &mut [f32], row: &[f32], inv_t: f32) {
+    let lse = logsumexp(row, inv_t, o);
+    for (o, &r) in o.iter_mut().zip(row) {
+        *o = exp(r * inv_t - lse);
+    }
 }
 
 fn scalar(v: f32) -> CpuStorage {
@@ -53,7 +133,7 @@ impl CustomOp1 for CrossEntropyOp {
             .zip(self.targets.par_iter())
             .map_init(
                 || vec![0f32; v],
-                |scr, (row, &t)| logsumexp(row, 1.0, scr) - row[t as usize],
+                |scr, (row, &t)| ce_row(row, t as usize, scr),
             )
             .collect();
         Ok((scalar(nll.iter().sum::<f32>() / n as f32), Shape::from(())))
@@ -63,18 +143,12 @@ impl CustomOp1 for CrossEntropyOp {
         let (n, v) = x.dims2()?;
         let g = grad_scalar(grad)? / n as f32;
         let xr = Read::new(x)?;
-        let mut dx = vec![0f32; n * v];
+        let mut dx = uninit(n * v);
         xr.with(|x| {
             dx.par_chunks_mut(v)
                 .zip(x.par_chunks(v))
                 .zip(self.targets.par_iter())
-                .for_each(|((d, row), &t)| {
-                    let lse = logsumexp(row, 1.0, d);
-                    for (d, &r) in d.iter_mut().zip(row) {
-                        *d = exp(r - lse) * g;
-                    }
-                    d[t as usize] -= g;
-                })
+                .for_each(|((d, row), &t)| ce_grad_row(d, row, t as usize, g))
         });
         Ok(Some(tensor(dx, &[n, v])?))
     }
@@ -118,19 +192,7 @@ impl CustomOp2 for SoftKlOp {
         let kl: Vec<f32> = s
             .par_chunks(v)
             .zip(p.par_chunks(v))
-            .map_init(
-                || vec![0f32; v],
-                |scr, (sr, pr)| {
-                    let lse = logsumexp(sr, inv_t, scr);
-                    let mut acc = 0f32;
-                    for (&x, &pv) in sr.iter().zip(pr) {
-                        if pv > 0.0 {
-                            acc += pv * (pv.max(1e-30).ln() - (x * inv_t - lse));
-                        }
-                    }
-                    acc
-                },
-            )
+            .map_init(|| vec![0f32; v], |scr, (sr, pr)| kl_row(sr, pr, inv_t, scr))
             .collect();
         let total = kl.iter().sum::<f32>() * self.t * self.t / n as f32;
         Ok((scalar(total), Shape::from(())))
@@ -148,18 +210,13 @@ impl CustomOp2 for SoftKlOp {
         // d/ds [T² · KL] / n = T · (q − p) / n
         let g = grad_scalar(grad)? * self.t / n as f32;
         let (sr, pr) = (Read::new(s)?, Read::new(p)?);
-        let mut ds = vec![0f32; n * v];
+        let mut ds = uninit(n * v);
         sr.with(|s| {
             pr.with(|p| {
                 ds.par_chunks_mut(v)
                     .zip(s.par_chunks(v))
                     .zip(p.par_chunks(v))
-                    .for_each(|((d, row), prow)| {
-                        let lse = logsumexp(row, inv_t, d);
-                        for ((d, &x), &pv) in d.iter_mut().zip(row).zip(prow) {
-                            *d = (exp(x * inv_t - lse) - pv) * g;
-                        }
-                    })
+                    .for_each(|((d, row), prow)| kl_grad_row(d, row, prow, inv_t, g))
             })
         });
         Ok((Some(tensor(ds, &[n, v])?), None))
@@ -185,16 +242,11 @@ pub fn softmax_no_grad(x: &Tensor, t: f64) -> Result<Tensor> {
     let v = *x.dims().last().unwrap_or(&1);
     let inv_t = 1.0 / t as f32;
     let xr = Read::new(&x.detach())?;
-    let mut out = vec![0f32; x.elem_count()];
+    let mut out = uninit(x.elem_count());
     xr.with(|x| {
         out.par_chunks_mut(v)
             .zip(x.par_chunks(v))
-            .for_each(|(o, row)| {
-                let lse = logsumexp(row, inv_t, o);
-                for (o, &r) in o.iter_mut().zip(row) {
-                    *o = exp(r * inv_t - lse);
-                }
-            })
+            .for_each(|(o, row)| softmax_row(o, row, inv_t))
     });
     Ok(tensor(out, x.dims())?)
 }

@@ -30,6 +30,37 @@ pub fn exp(x: f32) -> f32 {
     p * s1 * s2
 }
 
+/// `ln(x)` for positive normal `x` (the teacher probabilities the soft-target KL weighs:
+/// callers clamp at 1e-30), relative error a few 1e-7: Cephes' `logf` polynomial, branch
+/// free so the loops that call it vectorise (libm's `logf` is a scalar call).
+#[inline(always)]
+pub fn ln(x: f32) -> f32 {
+    const SQRT_HALF: f32 = std::f32::consts::FRAC_1_SQRT_2;
+    let bits = x.to_bits();
+    let mut e = ((bits >> 23) & 0xff) as i32 - 127;
+    // Mantissa in [1, 2), moved to [sqrt(1/2), sqrt(2)) so the polynomial's argument is small.
+    let mut m = f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000) * 0.5;
+    let small = m < SQRT_HALF;
+    m = if small { m + m } else { m };
+    e += if small { 0 } else { 1 };
+    let f = m - 1.0;
+    let z = f * f;
+    let mut y = 7.037_683_6e-2;
+    y = y * f - 1.151_461_1e-1;
+    y = y * f + 1.167_699_9e-1;
+    y = y * f - 1.242_014_1e-1;
+    y = y * f + 1.424_932_3e-1;
+    y = y * f - 1.666_805_8e-1;
+    y = y * f + 2.000_071_4e-1;
+    y = y * f - 2.499_999_4e-1;
+    y = y * f + 3.333_333e-1;
+    y *= f * z;
+    let e = e as f32;
+    y += e * -2.121_944_4e-4;
+    y -= 0.5 * z;
+    f + y + e * 0.693_359_4
+}
+
 /// The error function, max absolute error ~2e-7 (the rational approximation Eigen and
 /// PyTorch's vectorised CPU kernels use; inputs clamped to [-4, 4], where erf is ±1 in f32).
 #[inline(always)]
