@@ -7,13 +7,16 @@ import torch
 
 base = len(sys.argv) > 1 and sys.argv[1] == "base"
 torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 2)
-rows, h, i, s, d, bh = (1024, 768, 3072, 128, 64, 96) if base else (2048, 256, 1024, 128, 64, 64)
+rows, h, i, s, d, bh, vocab = (1024, 768, 3072, 128, 64, 96, 30522) if base else (2048, 256, 1024, 128, 64, 64, 8000)
+masked = rows * 15 // 100  # the MLM head on the masked rows
 shapes = [
     ("qkv fwd", rows, h, 3 * h, 0, 1, 1), ("attn-out fwd", rows, h, h, 0, 1, 1),
     ("ffn-in fwd", rows, h, i, 0, 1, 1), ("ffn-out fwd", rows, i, h, 0, 1, 1),
     ("ffn-in dx", rows, i, h, 0, 0, 1), ("ffn-out dx", rows, h, i, 0, 0, 1),
     ("ffn-in dW", i, rows, h, 1, 0, 1), ("ffn-out dW", h, rows, i, 1, 0, 1),
     ("scores (per head)", s, d, s, 0, 1, bh), ("context (per head)", s, s, d, 0, 0, bh),
+    ("decoder fwd", masked, h, vocab, 0, 1, 1), ("decoder dx", masked, vocab, h, 0, 0, 1),
+    ("decoder dW", vocab, masked, h, 1, 0, 1),
     ("peak 2048^3", 2048, 2048, 2048, 0, 0, 1),
 ]
 for name, m, k, n, at, bt, batch in shapes:

@@ -5,6 +5,9 @@
 //! cargo bench --bench gemm_shapes -- [small|base] [threads]
 //! ```
 //! Each line: name, m×k×n, operand layouts, GFLOP/s (best of 5 repeats of ~0.2 s).
+//! `SPLIT=n` (or `m`) runs each single product as one unthreaded product per thread over a
+//! block of columns (rows) instead of through gemm's own threading: how
+//! `distil::model::fused::gemm` chose to split transposed-B products by columns.
 use distil::model::fused::gemm::{gemm, Acc, Mat};
 use rayon::prelude::*;
 use std::time::Instant;
@@ -22,11 +25,13 @@ struct Shape {
 }
 
 fn shapes(base: bool) -> Vec<Shape> {
-    let (rows, h, i, s, d, bh) = if base {
-        (1024, 768, 3072, 128, 64, 8 * 12)
+    let (rows, h, i, s, d, bh, vocab) = if base {
+        (1024, 768, 3072, 128, 64, 8 * 12, 30522)
     } else {
-        (2048, 256, 1024, 128, 64, 16 * 4)
+        (2048, 256, 1024, 128, 64, 16 * 4, 8000)
     };
+    // The MLM head on the masked rows (15%).
+    let masked = rows * 15 / 100;
     let sh = |name, m, k, n, at, bt, batch| Shape {
         name,
         m,
@@ -47,6 +52,9 @@ fn shapes(base: bool) -> Vec<Shape> {
         sh("ffn-out dW", h, rows, i, true, false, 1),
         sh("scores (per head)", s, d, s, false, true, bh),
         sh("context (per head)", s, s, d, false, false, bh),
+        sh("decoder fwd", masked, h, vocab, false, true, 1),
+        sh("decoder dx", masked, vocab, h, false, false, 1),
+        sh("decoder dW", vocab, masked, h, true, false, 1),
         sh("peak 2048^3", 2048, 2048, 2048, false, false, 1),
     ]
 }
@@ -89,7 +97,78 @@ fn main() {
         for _ in 0..5 {
             let t0 = Instant::now();
             for _ in 0..reps {
-                if sh.batch == 1 {
+                if sh.batch == 1 && std::env::var("SPLIT").as_deref() == Ok("n") {
+                    // each thread: all rows, a block of columns
+                    let nb = sh.n.div_ceil(threads);
+                    let cp = distil_ptr(&mut c);
+                    (0..threads).into_par_iter().for_each(|t| {
+                        let j0 = t * nb;
+                        let j1 = (j0 + nb).min(sh.n);
+                        let am = if sh.at {
+                            Mat::rm(&a, sh.k, sh.m).t()
+                        } else {
+                            Mat::rm(&a, sh.m, sh.k)
+                        };
+                        let bm = if sh.bt {
+                            Mat::rm(&b, sh.n, sh.k).t()
+                        } else {
+                            Mat::rm(&b, sh.k, sh.n)
+                        };
+                        let bm = Mat {
+                            data: &bm.data[j0 * bm.cs..],
+                            cols: j1 - j0,
+                            ..bm
+                        };
+                        unsafe {
+                            distil::model::fused::gemm::gemm_raw(
+                                (cp.0 as *mut f32).add(j0),
+                                sh.n,
+                                sh.m,
+                                j1 - j0,
+                                am,
+                                bm,
+                                Acc::Overwrite,
+                                1.0,
+                                1,
+                            )
+                        }
+                    });
+                } else if sh.batch == 1 && std::env::var("SPLIT").as_deref() == Ok("m") {
+                    let mb = sh.m.div_ceil(threads);
+                    let cp = distil_ptr(&mut c);
+                    (0..threads).into_par_iter().for_each(|t| {
+                        let i0 = t * mb;
+                        let i1 = (i0 + mb).min(sh.m);
+                        let am = if sh.at {
+                            Mat::rm(&a, sh.k, sh.m).t()
+                        } else {
+                            Mat::rm(&a, sh.m, sh.k)
+                        };
+                        let am = Mat {
+                            data: &am.data[i0 * am.rs..],
+                            rows: i1 - i0,
+                            ..am
+                        };
+                        let bm = if sh.bt {
+                            Mat::rm(&b, sh.n, sh.k).t()
+                        } else {
+                            Mat::rm(&b, sh.k, sh.n)
+                        };
+                        unsafe {
+                            distil::model::fused::gemm::gemm_raw(
+                                (cp.0 as *mut f32).add(i0 * sh.n),
+                                sh.n,
+                                i1 - i0,
+                                sh.n,
+                                am,
+                                bm,
+                                Acc::Overwrite,
+                                1.0,
+                                1,
+                            )
+                        }
+                    });
+                } else if sh.batch == 1 {
                     run(&a, &b, &mut c, threads);
                 } else {
                     c.par_chunks_mut(sh.m * sh.n)
@@ -118,4 +197,12 @@ fn main() {
             flop / best / 1e9
         );
     }
+}
+
+#[derive(Clone, Copy)]
+struct P(usize);
+unsafe impl Send for P {}
+unsafe impl Sync for P {}
+fn distil_ptr(c: &mut [f32]) -> P {
+    P(c.as_mut_ptr() as usize)
 }
