@@ -243,6 +243,19 @@ impl Encoder {
         self.fused && self.compute == x.dtype() && fused::enabled_for(x)
     }
 
+    /// `table[ids]`: the fused lookup (gradient into the sink, beside the tied decoder's)
+    /// when it can be, `index_select` otherwise.
+    fn lookup(&self, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        if self.use_fused(table)
+            && fused::grads::GradSink::accepts(table)
+            && ids.dtype() == DType::U32
+            && ids.device().is_cpu()
+        {
+            return fused::embedding::lookup(table, &ids.to_vec1::<u32>()?, &self.sink);
+        }
+        Ok(table.index_select(ids, 0)?)
+    }
+
     /// `dropout(act(x·Wᵀ + b))`, one fused node when it can be.
     fn dense(
         &self,
@@ -260,7 +273,7 @@ impl Encoder {
                 _ => None,
             };
             let keep = x.track_op() || lin.weight.track_op() || bias.track_op();
-            return fused::linear::linear(x, &lin.weight, bias, act, mask, keep);
+            return fused::linear::linear(x, &lin.weight, bias, act, mask, keep, Some(&self.sink));
         }
         let mut y = lin.forward_in(x, self.compute)?;
         if let Some(a) = act {
@@ -332,19 +345,14 @@ impl Encoder {
         let dev = ids.device();
         let position_ids = self.position_ids(ids)?;
         let flat_ids = ids.flatten_all()?;
-        let mut x = self.emb.word.index_select(&flat_ids, 0)?;
-        x = x.add(
-            &self
-                .emb
-                .position
-                .index_select(&position_ids.flatten_all()?, 0)?,
-        )?;
+        let mut x = self.lookup(&self.emb.word, &flat_ids)?;
+        x = x.add(&self.lookup(&self.emb.position, &position_ids.flatten_all()?)?)?;
         if let Some(tt) = &self.emb.token_type {
             let tt_ids = match input.token_type_ids {
                 Some(t) => t.flatten_all()?,
                 None => Tensor::zeros(b * s, DType::U32, dev)?,
             };
-            x = x.add(&tt.index_select(&tt_ids, 0)?)?;
+            x = x.add(&self.lookup(tt, &tt_ids)?)?;
         }
         let x = x.reshape((b, s, cfg.embedding_size))?;
         let x = self.norm(&self.emb.norm, &x)?;

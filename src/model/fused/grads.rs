@@ -51,6 +51,40 @@ impl GradSink {
         }
     }
 
+    /// Adds `grad` (`ids.len()` rows of `param`'s width) to the rows `ids` of `param`'s
+    /// gradient (an embedding table's). Constants are skipped.
+    pub(crate) fn add_rows(&self, param: &Tensor, ids: &[u32], grad: &[f32]) {
+        if !param.is_variable() || ids.is_empty() {
+            return;
+        }
+        let width = grad.len() / ids.len();
+        let mut entries = self.0.lock().unwrap();
+        let i = match entries.iter().position(|(p, _)| p.id() == param.id()) {
+            Some(i) => i,
+            None => {
+                let mut zeros = super::uninit(param.elem_count());
+                zeros.par_chunks_mut(1 << 14).for_each(|c| c.fill(0.0));
+                entries.push((param.clone(), zeros));
+                entries.len() - 1
+            }
+        };
+        // Each task owns a block of columns of every row, so repeated ids never race.
+        let acc = super::SharedMut::new(&mut entries[i].1);
+        let blocks = width.div_ceil(64);
+        (0..blocks).into_par_iter().for_each(|blk| {
+            let (c0, c1) = (blk * 64, ((blk + 1) * 64).min(width));
+            for (r, &id) in ids.iter().enumerate() {
+                let src = &grad[r * width + c0..r * width + c1];
+                // Safety: column block [c0, c1) of row `id` is this task's alone, and inside
+                // the table (the lookup checked the ids).
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(acc.at(id as usize * width + c0), c1 - c0)
+                };
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+            }
+        });
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.lock().unwrap().is_empty()
     }

@@ -7,11 +7,12 @@
 
 use super::dropout::Mask;
 use super::gemm::{gemm, threads, Acc, Mat};
+use super::grads::GradSink;
 use super::math::{act_grad_mul, act_slice};
 use super::{column_sums_rs, copy_then, cpu_out, cpu_slice, rows_per_chunk, tensor, uninit, Read};
 use crate::model::config::Activation;
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -35,26 +36,17 @@ impl LinearOp {
         }
         Ok((x.shape().elem_count() / inp.max(1), inp, out))
     }
-}
 
-impl CustomOp3 for LinearOp {
-    fn name(&self) -> &'static str {
-        "fused-linear"
-    }
-
-    fn cpu_fwd(
+    /// The forward over slices: `y` `[rows, out]`.
+    fn run(
         &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (rows, inp, out) = self.dims(xl, wl)?;
-        let x = cpu_slice(xs, xl, self.name())?;
-        let w = cpu_slice(ws, wl, self.name())?;
-        let b = cpu_slice(bs, bl, self.name())?;
+        x: &[f32],
+        w: &[f32],
+        b: &[f32],
+        rows: usize,
+        inp: usize,
+        out: usize,
+    ) -> Vec<f32> {
         let mut y = uninit(rows * out);
         forward_into(&mut y, out, x, w, b, rows, inp, out);
         let per = rows_per_chunk(rows) * out;
@@ -76,9 +68,73 @@ impl CustomOp3 for LinearOp {
                 .enumerate()
                 .for_each(|(i, c)| post(i, c));
         }
+        y
+    }
+
+    /// `(dx, dW, db)` from the output's gradient `g`.
+    fn grads(
+        &self,
+        g: &Read,
+        x: &Read,
+        w: &Read,
+        (rows, inp, out): (usize, usize, usize),
+    ) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let grads = |gp: &[f32]| x.with(|x| w.with(|w| linear_grads(gp, x, w, rows, inp, out)));
+        if self.act.is_none() && self.mask.is_none() {
+            // g' = g: no copy.
+            return Ok(g.with(grads));
+        }
+        let per = rows_per_chunk(rows) * out;
+        let pre = self.pre.lock().unwrap();
+        let pre = match (self.act, pre.as_ref()) {
+            (Some(_), None) => {
+                return Err(candle_core::Error::Msg(
+                    "fused linear: backward of an op run without keep".into(),
+                ))
+            }
+            (_, p) => p,
+        };
+        // g' = g · mask · act'(pre), copied and transformed in one parallel pass.
+        let gp = g.with(|g| {
+            copy_then(g, per, |i, c| {
+                if let (Some(a), Some(p)) = (self.act, pre) {
+                    act_grad_mul(a, c, &p[i * per..i * per + c.len()]);
+                }
+                if let Some(m) = &self.mask {
+                    m.apply(c, i * per);
+                }
+            })
+        });
+        Ok(grads(&gp))
+    }
+
+    fn out_shape(xl: &Layout, out: usize) -> Shape {
         let mut dims = xl.shape().dims().to_vec();
         *dims.last_mut().unwrap() = out;
-        Ok((cpu_out(y), Shape::from(dims)))
+        Shape::from(dims)
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, inp, out) = self.dims(xl, wl)?;
+        let x = cpu_slice(xs, xl, self.name())?;
+        let w = cpu_slice(ws, wl, self.name())?;
+        let b = cpu_slice(bs, bl, self.name())?;
+        let y = self.run(x, w, b, rows, inp, out);
+        Ok((cpu_out(y), Self::out_shape(xl, out)))
     }
 
     fn bwd(
@@ -89,42 +145,51 @@ impl CustomOp3 for LinearOp {
         _y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (rows, inp, out) = self.dims(x.layout(), w.layout())?;
-        let g = Read::new(grad)?;
-        let (xr, wr) = (Read::new(x)?, Read::new(w)?);
-        let grads = |gp: &[f32]| xr.with(|x| wr.with(|w| linear_grads(gp, x, w, rows, inp, out)));
-        let (dx, dw, db) = if self.act.is_none() && self.mask.is_none() {
-            // g' = g: no copy.
-            g.with(grads)
-        } else {
-            let per = rows_per_chunk(rows) * out;
-            let pre = self.pre.lock().unwrap();
-            let pre = match (self.act, pre.as_ref()) {
-                (Some(_), None) => {
-                    return Err(candle_core::Error::Msg(
-                        "fused linear: backward of an op run without keep".into(),
-                    ))
-                }
-                (_, p) => p,
-            };
-            // g' = g · mask · act'(pre), copied and transformed in one parallel pass.
-            let gp = g.with(|g| {
-                copy_then(g, per, |i, c| {
-                    if let (Some(a), Some(p)) = (self.act, pre) {
-                        act_grad_mul(a, c, &p[i * per..i * per + c.len()]);
-                    }
-                    if let Some(m) = &self.mask {
-                        m.apply(c, i * per);
-                    }
-                })
-            });
-            grads(&gp)
-        };
+        let dims = self.dims(x.layout(), w.layout())?;
+        let (dx, dw, db) = self.grads(&Read::new(grad)?, &Read::new(x)?, &Read::new(w)?, dims)?;
         Ok((
             Some(tensor(dx, x.dims())?),
             Some(tensor(dw, w.dims())?),
-            Some(tensor(db, &[out])?),
+            Some(tensor(db, &[dims.2])?),
         ))
+    }
+}
+
+/// [`LinearOp`] with the weight and bias captured rather than graph inputs: their gradients
+/// go to the encoder's [`GradSink`] instead of through candle's zero-fill-and-add (for the
+/// MLM decoder, tied to the word embeddings, that was a serial memset and add over the whole
+/// `[vocab, hidden]` table each step).
+struct SinkLinearOp {
+    op: LinearOp,
+    w: Tensor,
+    b: Tensor,
+    sink: GradSink,
+}
+
+impl CustomOp1 for SinkLinearOp {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, inp, out) = self.op.dims(xl, self.w.layout())?;
+        let x = cpu_slice(xs, xl, self.name())?;
+        let (w, b) = (Read::new(&self.w)?, Read::new(&self.b)?);
+        let y = w.with(|w| b.with(|b| self.op.run(x, w, b, rows, inp, out)));
+        Ok((cpu_out(y), LinearOp::out_shape(xl, out)))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dims = self.op.dims(x.layout(), self.w.layout())?;
+        let (dx, dw, db) = self.op.grads(
+            &Read::new(grad)?,
+            &Read::new(x)?,
+            &Read::new(&self.w)?,
+            dims,
+        )?;
+        self.sink.add(&self.w, dw);
+        self.sink.add(&self.b, db);
+        Ok(Some(tensor(dx, x.dims())?))
     }
 }
 
@@ -209,7 +274,9 @@ pub(crate) fn backward_into(
 }
 
 /// `dropout(act(x · Wᵀ + b))` for `x` `[.., in]`, `W` `[out, in]`, `b` `[out]` (f32, CPU).
-/// `keep`: the result will be differentiated (the pre-activation is then kept).
+/// `keep`: the result will be differentiated (the pre-activation is then kept). With `sink`,
+/// the weight's and bias's gradients go there (see [`SinkLinearOp`]) when the sink can take
+/// them and `x` carries the graph (otherwise the op would not be recorded at all).
 pub fn linear(
     x: &Tensor,
     w: &Tensor,
@@ -217,6 +284,7 @@ pub fn linear(
     act: Option<Activation>,
     mask: Option<Mask>,
     keep: bool,
+    sink: Option<&GradSink>,
 ) -> Result<Tensor> {
     let op = LinearOp {
         act,
@@ -224,6 +292,21 @@ pub fn linear(
         keep,
         pre: Mutex::new(None),
     };
-    Ok(x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, op)?)
+    let x = x.contiguous()?;
+    match sink {
+        Some(sink)
+            if GradSink::accepts(w)
+                && GradSink::accepts(b)
+                && (x.track_op() || !(w.track_op() || b.track_op())) =>
+        {
+            let op = SinkLinearOp {
+                op,
+                w: w.contiguous()?,
+                b: b.contiguous()?,
+                sink: sink.clone(),
+            };
+            Ok(x.apply_op1(op)?)
+        }
+        _ => Ok(x.apply_op3(&w.contiguous()?, &b.contiguous()?, op)?),
+    }
 }

@@ -20,6 +20,7 @@
 pub mod attention;
 pub mod block;
 pub mod dropout;
+pub mod embedding;
 pub mod gemm;
 pub mod grads;
 pub mod layer_norm;
