@@ -24,7 +24,7 @@ use super::dropout::Mask;
 use super::gemm::Acc;
 use super::grads::GradSink;
 use super::layer_norm::{backward_all, forward_all};
-use super::linear::{backward_into, forward_into};
+use super::linear::{backward_into, forward_into, forward_then};
 use super::math::{act_grad_mul, act_slice};
 use super::{copy_then, cpu_out, cpu_slice, rows_per_chunk, tensor, uninit, Read, SharedMut};
 use crate::model::config::Activation;
@@ -225,15 +225,25 @@ impl CustomOp1 for LayerOp {
             forward_into(&mut a_d, h, &ctx, wo, bo, rows, h, h);
             apply_mask(&mut a_d, self.masks.attn_out.as_ref());
             let a = forward_all(&a_d, Some(x), g1, be1, self.eps);
+            // The bias and the activation in one pass after the product; the pre-activation
+            // kept beside the activation when training.
             let mut i_pre = uninit(rows * f);
-            forward_into(&mut i_pre, f, &a, w1, b1, rows, h, f);
-            let per = rows_per_chunk(rows) * f;
             let i = if self.keep {
-                copy_then(&i_pre, per, |_, c| act_slice(self.act, c))
+                let mut i = uninit(rows * f);
+                let per = rows_per_chunk(rows) * f;
+                let out = SharedMut::new(&mut i);
+                forward_then(&mut i_pre, f, &a, w1, b1, rows, h, f, |ci, c| {
+                    // Safety: chunk `ci` of `i` (as long as chunk `ci` of `i_pre`) is this
+                    // task's alone.
+                    let o = unsafe { std::slice::from_raw_parts_mut(out.at(ci * per), c.len()) };
+                    o.copy_from_slice(c);
+                    act_slice(self.act, o);
+                });
+                i
             } else {
-                i_pre
-                    .par_chunks_mut(per)
-                    .for_each(|c| act_slice(self.act, c));
+                forward_then(&mut i_pre, f, &a, w1, b1, rows, h, f, |_, c| {
+                    act_slice(self.act, c)
+                });
                 std::mem::take(&mut i_pre)
             };
             let mut o_d = uninit(rows * h);

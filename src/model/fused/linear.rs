@@ -9,7 +9,9 @@ use super::dropout::Mask;
 use super::gemm::{gemm, threads, Acc, Mat};
 use super::grads::GradSink;
 use super::math::{act_grad_mul, act_slice};
-use super::{column_sums_rs, copy_then, cpu_out, cpu_slice, rows_per_chunk, tensor, uninit, Read};
+use super::{
+    column_sums_rs, copy_then, cpu_out, cpu_slice, rows_per_chunk, tensor, uninit, Read, SharedMut,
+};
 use crate::model::config::Activation;
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
@@ -48,9 +50,9 @@ impl LinearOp {
         out: usize,
     ) -> Vec<f32> {
         let mut y = uninit(rows * out);
-        forward_into(&mut y, out, x, w, b, rows, inp, out);
         let per = rows_per_chunk(rows) * out;
-        // Activation and dropout in one pass; out of place when the pre-activation is kept.
+        // Bias, activation and dropout in one pass after the product; out of place when the
+        // pre-activation is kept.
         let post = |i: usize, c: &mut [f32]| {
             if let Some(a) = self.act {
                 act_slice(a, c);
@@ -60,15 +62,20 @@ impl LinearOp {
             }
         };
         if self.act.is_some() && self.keep {
-            let pre = y;
-            y = copy_then(&pre, per, post);
-            *self.pre.lock().unwrap() = Some(pre);
-        } else if self.act.is_some() || self.mask.is_some() {
-            y.par_chunks_mut(per)
-                .enumerate()
-                .for_each(|(i, c)| post(i, c));
+            let mut act = uninit(rows * out);
+            let dst = SharedMut::new(&mut act);
+            forward_then(&mut y, out, x, w, b, rows, inp, out, |i, c| {
+                // Safety: chunk `i` of `act` (as long as chunk `i` of `y`) is this task's alone.
+                let o = unsafe { std::slice::from_raw_parts_mut(dst.at(i * per), c.len()) };
+                o.copy_from_slice(c);
+                post(i, o);
+            });
+            *self.pre.lock().unwrap() = Some(y);
+            act
+        } else {
+            forward_then(&mut y, out, x, w, b, rows, inp, out, post);
+            y
         }
-        y
     }
 
     /// `(dx, dW, db)` from the output's gradient `g`.
@@ -194,8 +201,9 @@ impl CustomOp1 for SinkLinearOp {
 }
 
 /// `y ← x · Wᵀ + b` for `x` `[rows, inp]`, `W` `[out, inp]` and `y` `[rows, out]` with rows
-/// `y_rs` apart (a column block of a wider matrix when `y_rs > out`): the bias written into
-/// the rows (in parallel), gemm accumulating onto it.
+/// `y_rs` apart (a column block of a wider matrix when `y_rs > out`): gemm writes the
+/// product, then one parallel pass adds the bias. (Writing the bias first and letting gemm
+/// accumulate made gemm read every output tile back from memory: slower.)
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_into(
     y: &mut [f32],
@@ -207,21 +215,48 @@ pub(crate) fn forward_into(
     inp: usize,
     out: usize,
 ) {
-    let per = rows_per_chunk(rows) * y_rs;
-    y.par_chunks_mut(per).for_each(|c| {
-        for row in c.chunks_mut(y_rs) {
-            row[..out].copy_from_slice(b);
-        }
-    });
+    forward_then(y, y_rs, x, w, b, rows, inp, out, |_, _| {});
+}
+
+/// [`forward_into`], then `post(chunk index, rows)` on each chunk of whole rows (of
+/// [`rows_per_chunk`] rows) in the same parallel pass as the bias, while they are in cache.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_then(
+    y: &mut [f32],
+    y_rs: usize,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    rows: usize,
+    inp: usize,
+    out: usize,
+    post: impl Fn(usize, &mut [f32]) + Sync,
+) {
     gemm(
         y,
         y_rs,
         Mat::rm(x, rows, inp),
         Mat::rm(w, out, inp).t(),
-        Acc::Add,
+        Acc::Overwrite,
         1.0,
         threads(),
     );
+    let per = rows_per_chunk(rows) * y_rs;
+    y.par_chunks_mut(per).enumerate().for_each(|(i, c)| {
+        add_bias(c, y_rs, b);
+        post(i, c);
+    });
+}
+
+/// `row[..b.len()] += b` for each row of `c` (rows `rs` apart).
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn add_bias(c: &mut [f32], rs: usize, b: &[f32]) {
+    for row in c.chunks_mut(rs) {
+        row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+    }
 }
 
 /// `dx = g'·W`, `dW = g'ᵀ·x`, `db = Σ_rows g'` for `g'` `[rows, out]`.
