@@ -297,3 +297,60 @@ fn fused_losses_match_composed_ops() {
         loss_and_grad(&hs, F64, &cos),
     );
 }
+
+#[test]
+fn fused_embedding_lookup_matches_index_select() {
+    use candle_core::Var;
+    use distil::model::fused::{embedding::lookup, grads::GradSink};
+    let dev = Device::Cpu;
+    let (rows, width) = (50, 136); // 136: column blocks of 64, 64 and 8 in the scatter
+    let vals: Vec<f32> = (0..rows * width)
+        .map(|i| ((i * 37) % 101) as f32 * 0.01 - 0.5)
+        .collect();
+    let table = Var::from_tensor(&Tensor::from_vec(vals, (rows, width), &dev).unwrap()).unwrap();
+    // Repeated ids: their rows' gradients must add up.
+    let ids = vec![3u32, 7, 3, 49, 0, 7, 7];
+    let n = ids.len();
+    let sink = GradSink::default();
+    let fused = lookup(table.as_tensor(), &ids, &sink).unwrap();
+    let plain = table
+        .as_tensor()
+        .index_select(&Tensor::from_vec(ids.clone(), n, &dev).unwrap(), 0)
+        .unwrap();
+    let diff = (&fused - &plain).unwrap().abs().unwrap().max_all().unwrap();
+    assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+    let w: Vec<f32> = (0..n * width)
+        .map(|i| ((i * 13) % 17) as f32 - 8.0)
+        .collect();
+    let w = Tensor::from_vec(w, (n, width), &dev).unwrap();
+    let mut g_fused = (&fused * &w)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(
+        g_fused.get(table.as_tensor()).is_none(),
+        "the fused lookup hands its gradient to the sink, not to candle"
+    );
+    sink.drain_into(&mut g_fused).unwrap();
+    let g_plain = (&plain * &w)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let (a, b) = (
+        g_fused.get(table.as_tensor()).unwrap(),
+        g_plain.get(table.as_tensor()).unwrap(),
+    );
+    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+    // An id outside the table is an error that says which.
+    let err = lookup(table.as_tensor(), &[2, 50], &sink).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("token id 50") && msg.contains("50 rows"),
+        "{msg}"
+    );
+}

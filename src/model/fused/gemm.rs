@@ -46,7 +46,7 @@ impl<'a> Mat<'a> {
 }
 
 /// How the destination is combined: `dst = a·b · scale` or `dst += a·b · scale`.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Acc {
     Overwrite,
     Add,
@@ -161,4 +161,53 @@ const SPLIT_N_MIN: usize = 256;
 /// The thread count candle's own matmuls use.
 pub fn threads() -> usize {
     candle_core::utils::get_num_threads()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: Mat, b: Mat) -> Vec<f64> {
+        let mut c = vec![0f64; a.rows * b.cols];
+        for i in 0..a.rows {
+            for j in 0..b.cols {
+                for p in 0..a.cols {
+                    c[i * b.cols + j] +=
+                        a.data[i * a.rs + p * a.cs] as f64 * b.data[p * b.rs + j * b.cs] as f64;
+                }
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn transposed_b_split_by_columns_matches_a_plain_product() {
+        // n = 1100 columns over 2 threads: the column-block path (blocks of 560 and 540),
+        // into a column block of a wider destination, overwriting and then accumulating.
+        let (m, k, n, rs) = (37, 29, 1100, 1107);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
+            .collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 5) % 11) as f32 * 0.1 - 0.5)
+            .collect();
+        let (am, bm) = (Mat::rm(&a, m, k), Mat::rm(&w, n, k).t());
+        let want = naive(am, bm);
+        let mut dst = vec![7f32; (m - 1) * rs + n + 3];
+        for (acc, factor) in [(Acc::Overwrite, 1.0), (Acc::Add, 2.0)] {
+            gemm(&mut dst[3..], rs, am, bm, acc, 1.0, 2);
+            for i in 0..m {
+                for j in 0..n {
+                    let got = dst[3 + i * rs + j] as f64;
+                    let w = factor * want[i * n + j];
+                    assert!((got - w).abs() < 1e-4, "({i}, {j}) {got} vs {w} ({acc:?})");
+                }
+            }
+        }
+        // Nothing outside the block was written.
+        assert_eq!(&dst[..3], &[7.0; 3]);
+        assert!((0..m - 1).all(|i| dst[3 + i * rs + n..3 + (i + 1) * rs]
+            .iter()
+            .all(|&v| v == 7.0)));
+    }
 }
