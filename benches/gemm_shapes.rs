@@ -59,6 +59,67 @@ fn shapes(base: bool) -> Vec<Shape> {
     ]
 }
 
+impl Shape {
+    /// The operands as the kernels see them (row-major storage, transposed by strides).
+    fn mats<'a>(&self, a: &'a [f32], b: &'a [f32]) -> (Mat<'a>, Mat<'a>) {
+        let am = if self.at {
+            Mat::rm(a, self.k, self.m).t()
+        } else {
+            Mat::rm(a, self.m, self.k)
+        };
+        let bm = if self.bt {
+            Mat::rm(b, self.n, self.k).t()
+        } else {
+            Mat::rm(b, self.k, self.n)
+        };
+        (am, bm)
+    }
+}
+
+/// The product as one unthreaded product per thread, over blocks of rows (`by_rows`) or of
+/// columns.
+fn split(sh: &Shape, a: &[f32], b: &[f32], c: &mut [f32], threads: usize, by_rows: bool) {
+    let (am, bm) = sh.mats(a, b);
+    let per = (if by_rows { sh.m } else { sh.n }).div_ceil(threads);
+    let c = c.as_mut_ptr() as usize;
+    (0..threads).into_par_iter().for_each(|t| {
+        let len = if by_rows { sh.m } else { sh.n };
+        let (lo, hi) = (t * per, ((t + 1) * per).min(len));
+        if lo >= hi {
+            return;
+        }
+        let (am, bm, offset) = if by_rows {
+            let am = Mat {
+                data: &am.data[lo * am.rs..],
+                rows: hi - lo,
+                ..am
+            };
+            (am, bm, lo * sh.n)
+        } else {
+            let bm = Mat {
+                data: &bm.data[lo * bm.cs..],
+                cols: hi - lo,
+                ..bm
+            };
+            (am, bm, lo)
+        };
+        // Safety: this task's block of rows or columns of `c` is its alone.
+        unsafe {
+            distil::model::fused::gemm::gemm_raw(
+                (c as *mut f32).add(offset),
+                sh.n,
+                am.rows,
+                bm.cols,
+                am,
+                bm,
+                Acc::Overwrite,
+                1.0,
+                1,
+            )
+        }
+    });
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -66,6 +127,7 @@ fn main() {
         .collect();
     let base = args.first().map(|s| s == "base").unwrap_or(false);
     let threads: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(2);
+    let split_by = std::env::var("SPLIT").ok();
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global()
@@ -80,107 +142,21 @@ fn main() {
         let mut c = vec![0f32; sh.m * sh.n * sh.batch];
         let flop = 2.0 * (sh.m * sh.k * sh.n * sh.batch) as f64;
         let reps = ((2e9 / flop) as usize).max(3);
-        let run = |a: &[f32], b: &[f32], c: &mut [f32], t: usize| {
-            let am = if sh.at {
-                Mat::rm(a, sh.k, sh.m).t()
-            } else {
-                Mat::rm(a, sh.m, sh.k)
-            };
-            let bm = if sh.bt {
-                Mat::rm(b, sh.n, sh.k).t()
-            } else {
-                Mat::rm(b, sh.k, sh.n)
-            };
-            gemm(c, sh.n, am, bm, Acc::Overwrite, 1.0, t);
-        };
         let mut best = f64::MAX;
         for _ in 0..5 {
             let t0 = Instant::now();
             for _ in 0..reps {
-                if sh.batch == 1 && std::env::var("SPLIT").as_deref() == Ok("n") {
-                    // each thread: all rows, a block of columns
-                    let nb = sh.n.div_ceil(threads);
-                    let cp = distil_ptr(&mut c);
-                    (0..threads).into_par_iter().for_each(|t| {
-                        let j0 = t * nb;
-                        let j1 = (j0 + nb).min(sh.n);
-                        let am = if sh.at {
-                            Mat::rm(&a, sh.k, sh.m).t()
-                        } else {
-                            Mat::rm(&a, sh.m, sh.k)
-                        };
-                        let bm = if sh.bt {
-                            Mat::rm(&b, sh.n, sh.k).t()
-                        } else {
-                            Mat::rm(&b, sh.k, sh.n)
-                        };
-                        let bm = Mat {
-                            data: &bm.data[j0 * bm.cs..],
-                            cols: j1 - j0,
-                            ..bm
-                        };
-                        unsafe {
-                            distil::model::fused::gemm::gemm_raw(
-                                (cp.0 as *mut f32).add(j0),
-                                sh.n,
-                                sh.m,
-                                j1 - j0,
-                                am,
-                                bm,
-                                Acc::Overwrite,
-                                1.0,
-                                1,
-                            )
-                        }
+                if sh.batch > 1 {
+                    let (ma, mb, mc) = (sh.m * sh.k, sh.k * sh.n, sh.m * sh.n);
+                    c.par_chunks_mut(mc).enumerate().for_each(|(j, c)| {
+                        let (am, bm) = sh.mats(&a[j * ma..(j + 1) * ma], &b[j * mb..(j + 1) * mb]);
+                        gemm(c, sh.n, am, bm, Acc::Overwrite, 1.0, 1)
                     });
-                } else if sh.batch == 1 && std::env::var("SPLIT").as_deref() == Ok("m") {
-                    let mb = sh.m.div_ceil(threads);
-                    let cp = distil_ptr(&mut c);
-                    (0..threads).into_par_iter().for_each(|t| {
-                        let i0 = t * mb;
-                        let i1 = (i0 + mb).min(sh.m);
-                        let am = if sh.at {
-                            Mat::rm(&a, sh.k, sh.m).t()
-                        } else {
-                            Mat::rm(&a, sh.m, sh.k)
-                        };
-                        let am = Mat {
-                            data: &am.data[i0 * am.rs..],
-                            rows: i1 - i0,
-                            ..am
-                        };
-                        let bm = if sh.bt {
-                            Mat::rm(&b, sh.n, sh.k).t()
-                        } else {
-                            Mat::rm(&b, sh.k, sh.n)
-                        };
-                        unsafe {
-                            distil::model::fused::gemm::gemm_raw(
-                                (cp.0 as *mut f32).add(i0 * sh.n),
-                                sh.n,
-                                i1 - i0,
-                                sh.n,
-                                am,
-                                bm,
-                                Acc::Overwrite,
-                                1.0,
-                                1,
-                            )
-                        }
-                    });
-                } else if sh.batch == 1 {
-                    run(&a, &b, &mut c, threads);
+                } else if let Some(by) = split_by.as_deref().filter(|s| *s == "m" || *s == "n") {
+                    split(&sh, &a, &b, &mut c, threads, by == "m");
                 } else {
-                    c.par_chunks_mut(sh.m * sh.n)
-                        .enumerate()
-                        .for_each(|(j, c)| {
-                            run(
-                                &a[j * sh.m * sh.k..(j + 1) * sh.m * sh.k],
-                                &b[j * sh.k * sh.n..(j + 1) * sh.k * sh.n],
-                                c,
-                                1,
-                            )
-                        });
+                    let (am, bm) = sh.mats(&a, &b);
+                    gemm(&mut c, sh.n, am, bm, Acc::Overwrite, 1.0, threads);
                 }
             }
             best = best.min(t0.elapsed().as_secs_f64() / reps as f64);
@@ -197,12 +173,4 @@ fn main() {
             flop / best / 1e9
         );
     }
-}
-
-#[derive(Clone, Copy)]
-struct P(usize);
-unsafe impl Send for P {}
-unsafe impl Sync for P {}
-fn distil_ptr(c: &mut [f32]) -> P {
-    P(c.as_mut_ptr() as usize)
 }

@@ -59,14 +59,24 @@ pub fn run_hot<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         for _ in 0..n - 1 {
             s.spawn(|_| {
                 let mut idle_since = Instant::now();
+                let mut idle_looks = 0u32;
+                let mut napping = false;
                 while !stop.load(Ordering::Acquire) {
                     if rayon::yield_now() == Some(rayon::Yield::Executed) {
-                        idle_since = Instant::now();
-                    } else if idle_since.elapsed() > SPIN_FOR {
-                        std::thread::sleep(Duration::from_micros(200));
-                    } else {
-                        std::hint::spin_loop();
+                        (idle_looks, napping) = (0, false);
+                        continue;
                     }
+                    if napping {
+                        std::thread::sleep(Duration::from_micros(200));
+                        continue;
+                    }
+                    // The clock read once every 256 empty looks, not on each.
+                    if idle_looks == 0 {
+                        idle_since = Instant::now();
+                    }
+                    idle_looks = idle_looks.wrapping_add(1);
+                    napping = idle_looks.is_multiple_of(256) && idle_since.elapsed() > SPIN_FOR;
+                    std::hint::spin_loop();
                 }
             });
         }
@@ -90,6 +100,16 @@ mod tests {
         // Nested: the inner spinners run on the outer ones.
         let v = run_hot(|| run_hot(|| (0..1000u32).into_par_iter().map(|x| x * 2).sum::<u32>()));
         assert_eq!(v, 999_000);
+    }
+
+    #[test]
+    fn napping_workers_still_take_work() {
+        // Past SPIN_FOR the spinners nap between looks; parallel work after that still runs.
+        let sum: u64 = run_hot(|| {
+            std::thread::sleep(super::SPIN_FOR + std::time::Duration::from_millis(30));
+            (0..10_000u64).into_par_iter().sum()
+        });
+        assert_eq!(sum, 10_000 * 9_999 / 2);
     }
 
     #[test]
