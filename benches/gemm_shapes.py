@@ -15,7 +15,8 @@ shapes = [
     ("ffn-in dx", rows, i, h, 0, 0, 1), ("ffn-out dx", rows, h, i, 0, 0, 1),
     ("ffn-in dW", i, rows, h, 1, 0, 1), ("ffn-out dW", h, rows, i, 1, 0, 1),
     ("scores (per head)", s, d, s, 0, 1, bh), ("context (per head)", s, s, d, 0, 0, bh),
-    ("decoder fwd", masked, h, vocab, 0, 1, 1), ("decoder dx", masked, vocab, h, 0, 0, 1),
+    ("decoder fwd", masked, h, vocab, 0, 1, 1), ("decoder fwd all rows", rows, h, vocab, 0, 1, 1),
+    ("decoder dx", masked, vocab, h, 0, 0, 1),
     ("decoder dW", vocab, masked, h, 1, 0, 1),
     ("peak 2048^3", 2048, 2048, 2048, 0, 0, 1),
 ]

@@ -53,6 +53,7 @@ fn shapes(base: bool) -> Vec<Shape> {
         sh("scores (per head)", s, d, s, false, true, bh),
         sh("context (per head)", s, s, d, false, false, bh),
         sh("decoder fwd", masked, h, vocab, false, true, 1),
+        sh("decoder fwd all rows", rows, h, vocab, false, true, 1),
         sh("decoder dx", masked, vocab, h, false, false, 1),
         sh("decoder dW", vocab, masked, h, true, false, 1),
         sh("peak 2048^3", 2048, 2048, 2048, false, false, 1),
