@@ -6,7 +6,9 @@
 //! ~60 graph nodes; written with the per-op kernels it is 10 (four linears, attention, two
 //! residual adds, two layer norms, and the dropout folded into the ops that precede it), and
 //! with [`block`] (the default) it is one, whose parameters' gradients bypass candle's store
-//! through [`grads::GradSink`] (collect them with `Encoder::backward`).
+//! through [`grads::GradSink`] (collect them with `Encoder::backward`). The MLM decoder and
+//! the embedding lookups ([`embedding`]) use the sink too, so the word embeddings tied to the
+//! decoder get one gradient buffer a step.
 //! Each kernel is a `CustomOp` whose `bwd` computes the gradients of all its inputs in one
 //! pass over raw `f32` slices, calling `gemm` directly (with the strides it needs, so no
 //! transposed copies) and parallelising attention across (batch, head) pairs rather than
