@@ -24,7 +24,7 @@ use super::dropout::Mask;
 use super::gemm::Acc;
 use super::grads::GradSink;
 use super::layer_norm::{backward_all, forward_all};
-use super::linear::{backward_into, forward_into, forward_then};
+use super::linear::{backward_into, forward_then};
 use super::math::{act_grad_mul, act_slice};
 use super::{copy_then, cpu_out, cpu_slice, rows_per_chunk, tensor, uninit, Read, SharedMut};
 use crate::model::config::Activation;
@@ -134,10 +134,13 @@ fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> candle_core
     Ok(f(&slices))
 }
 
-/// `x *= mask`, when there is one.
-fn apply_mask(x: &mut [f32], mask: Option<&Mask>) {
-    if let Some(m) = mask {
-        m.apply_all(x);
+/// A `forward_then` pass applying `mask` (the dropout of an output `[rows, h]`, in chunks of
+/// `per` elements of whole rows), when there is one.
+fn dropout(mask: Option<&Mask>, per: usize) -> impl Fn(usize, &mut [f32]) + Sync + '_ {
+    move |i, c| {
+        if let Some(m) = mask {
+            m.apply(c, i * per)
+        }
     }
 }
 
@@ -208,7 +211,7 @@ impl CustomOp1 for LayerOp {
             };
             let mut qkv = uninit(rows * 3 * h);
             for (j, (w, b)) in [(wq, bq), (wk, bk), (wv, bv)].into_iter().enumerate() {
-                forward_into(&mut qkv[j * h..], 3 * h, x, w, b, rows, h, h);
+                forward_then(&mut qkv[j * h..], 3 * h, x, w, b, rows, h, h, |_, _| {});
             }
             let mut ctx = uninit(rows * h);
             let probs = attention::forward(
@@ -222,8 +225,19 @@ impl CustomOp1 for LayerOp {
                 self.keep,
             );
             let mut a_d = uninit(rows * h);
-            forward_into(&mut a_d, h, &ctx, wo, bo, rows, h, h);
-            apply_mask(&mut a_d, self.masks.attn_out.as_ref());
+            // Dropout of a [rows, h] output in the bias pass (chunks of whole rows).
+            let per_h = rows_per_chunk(rows) * h;
+            forward_then(
+                &mut a_d,
+                h,
+                &ctx,
+                wo,
+                bo,
+                rows,
+                h,
+                h,
+                dropout(self.masks.attn_out.as_ref(), per_h),
+            );
             let a = forward_all(&a_d, Some(x), g1, be1, self.eps);
             // The bias and the activation in one pass after the product; the pre-activation
             // kept beside the activation when training.
@@ -247,8 +261,17 @@ impl CustomOp1 for LayerOp {
                 std::mem::take(&mut i_pre)
             };
             let mut o_d = uninit(rows * h);
-            forward_into(&mut o_d, h, &i, w2, b2, rows, f, h);
-            apply_mask(&mut o_d, self.masks.output.as_ref());
+            forward_then(
+                &mut o_d,
+                h,
+                &i,
+                w2,
+                b2,
+                rows,
+                f,
+                h,
+                dropout(self.masks.output.as_ref(), per_h),
+            );
             let y = forward_all(&o_d, Some(&a), g2, be2, self.eps);
             if let Some(probs) = probs {
                 *self.saved.lock().unwrap() = Some(Saved {

@@ -62,13 +62,6 @@ impl Mask {
 }
 
 impl Mask {
-    /// `x *= mask` over the whole mask, in parallel blocks.
-    pub(crate) fn apply_all(&self, x: &mut [f32]) {
-        x.par_chunks_mut(BLOCK)
-            .enumerate()
-            .for_each(|(i, c)| self.apply(c, i * BLOCK));
-    }
-
     /// `src · mask` as a new vector (a dropout's output, or its gradient), in parallel.
     pub(crate) fn masked_copy(&self, src: &[f32]) -> Vec<f32> {
         copy_then(src, BLOCK, |i, c| self.apply(c, i * BLOCK))

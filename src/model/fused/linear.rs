@@ -201,25 +201,11 @@ impl CustomOp1 for SinkLinearOp {
 }
 
 /// `y ← x · Wᵀ + b` for `x` `[rows, inp]`, `W` `[out, inp]` and `y` `[rows, out]` with rows
-/// `y_rs` apart (a column block of a wider matrix when `y_rs > out`): gemm writes the
-/// product, then one parallel pass adds the bias. (Writing the bias first and letting gemm
-/// accumulate made gemm read every output tile back from memory: slower.)
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn forward_into(
-    y: &mut [f32],
-    y_rs: usize,
-    x: &[f32],
-    w: &[f32],
-    b: &[f32],
-    rows: usize,
-    inp: usize,
-    out: usize,
-) {
-    forward_then(y, y_rs, x, w, b, rows, inp, out, |_, _| {});
-}
-
-/// [`forward_into`], then `post(chunk index, rows)` on each chunk of whole rows (of
-/// [`rows_per_chunk`] rows) in the same parallel pass as the bias, while they are in cache.
+/// `y_rs` apart (a column block of a wider matrix when `y_rs > out`), then `post(chunk
+/// index, rows)` on each chunk of whole rows (of [`rows_per_chunk`] rows) in the same parallel
+/// pass that adds the bias, while they are in cache. gemm writes the product and the pass adds
+/// the bias: writing the bias first and letting gemm accumulate made gemm read every output
+/// tile back from memory, which was slower.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_then(
     y: &mut [f32],
