@@ -266,7 +266,7 @@ pub fn run(args: &BenchArgs) -> Result<Value> {
         Ok(dt)
     };
     let mut times = Vec::with_capacity(args.iters);
-    let mut run = || -> Result<()> {
+    let run = || -> Result<()> {
         for i in 0..args.warmup + args.iters {
             let t = step()?;
             if i >= args.warmup {
@@ -275,12 +275,8 @@ pub fn run(args: &BenchArgs) -> Result<Value> {
         }
         Ok(())
     };
-    if dev.is_cpu() {
-        // As the trainer runs its steps (see `run_hot`).
-        crate::util::threads::run_hot(run)?;
-    } else {
-        run()?;
-    }
+    // As the trainer runs its steps.
+    crate::util::threads::run_hot_on(&dev, run)?;
     let median_s = median(&times);
     let flops = forward_matmul_flops(&teacher.cfg, b, s, n_masked)
         + 3.0 * forward_matmul_flops(&student.cfg, b, s, n_masked);

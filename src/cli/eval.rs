@@ -318,13 +318,9 @@ pub fn run(a: &EvalArgs) -> Result<EvalReport> {
     let mut rows = Vec::new();
     for (reference, enc, dir) in &models {
         let start = Instant::now();
-        let eval = || evaluate(enc, &batcher, a.max_batches);
-        // On the CPU, with the pool's workers spinning (see `run_hot`).
-        let r: EvalResult = if enc.device().is_cpu() {
-            crate::util::threads::run_hot(eval)
-        } else {
-            eval()
-        }
+        let r: EvalResult = crate::util::threads::run_hot_on(enc.device(), || {
+            evaluate(enc, &batcher, a.max_batches)
+        })
         .with_context(|| format!("checkpoint {reference}: evaluation failed"))?;
         let secs = start.elapsed().as_secs_f64().max(1e-9);
         rows.push(ModelRow {

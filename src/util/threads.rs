@@ -86,6 +86,16 @@ pub fn run_hot<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     })
 }
 
+/// [`run_hot`] when `device` is the CPU; `f()` as it is elsewhere (the spinning would only
+/// take cores from the data pipeline of a GPU run).
+pub fn run_hot_on<R: Send>(device: &candle_core::Device, f: impl FnOnce() -> R + Send) -> R {
+    if device.is_cpu() {
+        run_hot(f)
+    } else {
+        f()
+    }
+}
+
 /// How long an idle worker spins in [`run_hot`] before it naps between looks for work.
 pub const SPIN_FOR: std::time::Duration = std::time::Duration::from_millis(50);
 

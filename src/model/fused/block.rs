@@ -24,7 +24,7 @@ use super::dropout::Mask;
 use super::gemm::Acc;
 use super::grads::GradSink;
 use super::layer_norm::{backward_all, forward_all};
-use super::linear::{backward_into, forward_then};
+use super::linear::{backward_into, forward_kept, forward_then};
 use super::math::{act_grad_mul, act_slice};
 use super::{copy_then, cpu_out, cpu_slice, rows_per_chunk, tensor, uninit, Read, SharedMut};
 use crate::model::config::Activation;
@@ -243,17 +243,9 @@ impl CustomOp1 for LayerOp {
             // kept beside the activation when training.
             let mut i_pre = uninit(rows * f);
             let i = if self.keep {
-                let mut i = uninit(rows * f);
-                let per = rows_per_chunk(rows) * f;
-                let out = SharedMut::new(&mut i);
-                forward_then(&mut i_pre, f, &a, w1, b1, rows, h, f, |ci, c| {
-                    // Safety: chunk `ci` of `i` (as long as chunk `ci` of `i_pre`) is this
-                    // task's alone.
-                    let o = unsafe { std::slice::from_raw_parts_mut(out.at(ci * per), c.len()) };
-                    o.copy_from_slice(c);
-                    act_slice(self.act, o);
-                });
-                i
+                forward_kept(&mut i_pre, &a, w1, b1, rows, h, f, |_, c| {
+                    act_slice(self.act, c)
+                })
             } else {
                 forward_then(&mut i_pre, f, &a, w1, b1, rows, h, f, |_, c| {
                     act_slice(self.act, c)

@@ -62,14 +62,7 @@ impl LinearOp {
             }
         };
         if self.act.is_some() && self.keep {
-            let mut act = uninit(rows * out);
-            let dst = SharedMut::new(&mut act);
-            forward_then(&mut y, out, x, w, b, rows, inp, out, |i, c| {
-                // Safety: chunk `i` of `act` (as long as chunk `i` of `y`) is this task's alone.
-                let o = unsafe { std::slice::from_raw_parts_mut(dst.at(i * per), c.len()) };
-                o.copy_from_slice(c);
-                post(i, o);
-            });
+            let act = forward_kept(&mut y, x, w, b, rows, inp, out, post);
             *self.pre.lock().unwrap() = Some(y);
             act
         } else {
@@ -232,6 +225,31 @@ pub(crate) fn forward_then(
         add_bias(c, y_rs, b);
         post(i, c);
     });
+}
+
+/// [`forward_then`] into `pre` (`[rows, out]`, the pre-activation a backward needs), with
+/// `post` applied to a copy of each chunk in the same pass; returns the copies, `[rows, out]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_kept(
+    pre: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    rows: usize,
+    inp: usize,
+    out: usize,
+    post: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let mut y = uninit(rows * out);
+    let per = rows_per_chunk(rows) * out;
+    let dst = SharedMut::new(&mut y);
+    forward_then(pre, out, x, w, b, rows, inp, out, |i, c| {
+        // Safety: chunk `i` of `y` (as long as chunk `i` of `pre`) is this task's alone.
+        let o = unsafe { std::slice::from_raw_parts_mut(dst.at(i * per), c.len()) };
+        o.copy_from_slice(c);
+        post(i, o);
+    });
+    y
 }
 
 /// `row[..b.len()] += b` for each row of `c` (rows `rs` apart).
