@@ -354,3 +354,18 @@ fn fused_embedding_lookup_matches_index_select() {
         "{msg}"
     );
 }
+
+#[test]
+fn fused_linear_rejects_a_bias_of_the_wrong_length() {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((3, 4), candle_core::DType::F32, &dev).unwrap();
+    let w = Tensor::zeros((5, 4), candle_core::DType::F32, &dev).unwrap();
+    let b = Tensor::zeros(4, candle_core::DType::F32, &dev).unwrap();
+    let err = distil::model::fused::linear::linear(&x, &w, &b, None, None, false, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bias of shape [4]") && err.contains("expected [5]"),
+        "{err}"
+    );
+}

@@ -325,6 +325,13 @@ pub fn linear(
     keep: bool,
     sink: Option<&GradSink>,
 ) -> Result<Tensor> {
+    let (out, _) = w.dims2()?;
+    if b.dims() != [out] {
+        anyhow::bail!(
+            "fused linear: bias of shape {:?} for a weight of {out} outputs (expected [{out}])",
+            b.dims()
+        );
+    }
     let op = LinearOp {
         act,
         mask,
