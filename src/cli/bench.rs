@@ -65,7 +65,18 @@ pub struct BenchArgs {
     /// Side of the square matmul timed for the measured peak; 0 skips it.
     #[arg(long, default_value_t = 4096)]
     pub peak_size: usize,
+    /// Also time the step's parts (teacher, student forward with the losses, backward,
+    /// optimiser), synchronising the device between them, in `--iters` more steps.
+    #[arg(long)]
+    pub parts: bool,
+    /// Run the encoders and AdamW as candle's composed ops, without distil's fused kernels
+    /// (on a GPU: the CUDA kernels of `model::cuda`), for comparison.
+    #[arg(long)]
+    pub composed: bool,
 }
+
+/// The parts of a step `--parts` times, in order.
+const PARTS: [&str; 4] = ["teacher", "student_forward", "backward", "optimizer"];
 
 const TEMPERATURE: f64 = 2.0;
 const W_SOFT: f64 = 5.0;
@@ -212,6 +223,8 @@ pub fn run(args: &BenchArgs) -> Result<Value> {
     let mut student = Encoder::new(scfg.clone(), init_from_teacher(&teacher, &scfg, None, 0)?)?;
     teacher.set_compute_dtype(dtype);
     student.set_compute_dtype(dtype);
+    teacher.set_fused(!args.composed);
+    student.set_fused(!args.composed);
 
     let tokens = b * s;
     let low = if vocab > 2000 { 1000 } else { 5 };
@@ -233,14 +246,26 @@ pub fn run(args: &BenchArgs) -> Result<Value> {
             ..AdamWConfig::default()
         },
     )?;
+    opt.set_fused(!args.composed);
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let mut last_loss = f32::NAN;
-    let mut step = || -> Result<f64> {
+    // One step; with `parts`, the device is synchronised after each part and its time added.
+    let mut step = |parts: Option<&mut [Vec<f64>; 4]>| -> Result<f64> {
         dev.synchronize()?;
         let t0 = Instant::now();
+        let mut marks = [Duration::ZERO; 4];
+        let timed = parts.is_some();
+        let mut mark = |i: usize| -> Result<()> {
+            if timed {
+                dev.synchronize()?;
+                marks[i] = t0.elapsed();
+            }
+            Ok(())
+        };
         let t_out = teacher.forward(&input, ForwardOptions::default(), None)?;
         let t_logits = teacher.mlm_logits_at(&t_out.last_hidden_state, &targets.positions)?;
         let t_probs = teacher_probs(&t_logits, TEMPERATURE)?;
+        mark(0)?;
         let out = student.forward(&input, ForwardOptions::default(), Some(&mut rng))?;
         let logits = student.mlm_logits_at(&out.last_hidden_state, &targets.positions)?;
         let soft = soft_kl(&logits, &t_probs, TEMPERATURE)?;
@@ -251,7 +276,9 @@ pub fn run(args: &BenchArgs) -> Result<Value> {
             &attention_mask,
         )?;
         let loss = (((&soft * W_SOFT)? + (&hard * W_HARD)?)? + (&cos * W_COSINE)?)?;
+        mark(1)?;
         let grads = student.backward(&loss)?;
+        mark(2)?;
         let mut by_name = BTreeMap::new();
         for (name, var) in student.params.vars() {
             if let Some(g) = grads.get(var.as_tensor()) {
@@ -261,16 +288,29 @@ pub fn run(args: &BenchArgs) -> Result<Value> {
         opt.update(&by_name, 1e-4, 1.0)?;
         drop((t_out, t_probs, out, logits, grads, by_name));
         dev.synchronize()?;
-        let dt = t0.elapsed().as_secs_f64();
+        let dt = t0.elapsed();
+        if let Some(parts) = parts {
+            let mut from = Duration::ZERO;
+            for (i, &to) in marks[..3].iter().chain([&dt]).enumerate() {
+                parts[i].push((to - from).as_secs_f64());
+                from = to;
+            }
+        }
         last_loss = loss.to_scalar::<f32>()?;
-        Ok(dt)
+        Ok(dt.as_secs_f64())
     };
     let mut times = Vec::with_capacity(args.iters);
+    let mut part_times: [Vec<f64>; 4] = Default::default();
     let run = || -> Result<()> {
         for i in 0..args.warmup + args.iters {
-            let t = step()?;
+            let t = step(None)?;
             if i >= args.warmup {
                 times.push(t);
+            }
+        }
+        if args.parts {
+            for _ in 0..args.iters {
+                step(Some(&mut part_times))?;
             }
         }
         Ok(())
@@ -299,7 +339,16 @@ pub fn run(args: &BenchArgs) -> Result<Value> {
         "matmul_flops": flops,
         "tflops": round(tflops, 3),
         "last_loss": round(last_loss as f64, 6),
+        "composed": args.composed,
     });
+    if args.parts {
+        let parts: serde_json::Map<String, Value> = PARTS
+            .iter()
+            .zip(&part_times)
+            .map(|(name, t)| (name.to_string(), json!(round(median(t), 6))))
+            .collect();
+        out["parts"] = Value::Object(parts);
+    }
     if let Some(p) = args.peak_tflops {
         out["peak_tflops"] = json!(p);
         out["mfu"] = json!(round(tflops / p, 4));

@@ -1,12 +1,14 @@
 //! The trainable encoder: embeddings, transformer layers, pooler and MLM head.
 
 use super::config::{Activation, EncoderConfig, Layout};
+use super::cuda;
 use super::fused;
 use super::fused::dropout::Mask;
 use super::ops::{activate, dropout, matmul_in, softmax_last_dim, LayerNorm, Linear};
 use super::params::Params;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
+use rand::{Rng, RngCore};
 use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
 
@@ -243,6 +245,11 @@ impl Encoder {
         self.fused && self.compute == x.dtype() && fused::enabled_for(x)
     }
 
+    /// Whether the CUDA kernels (layer norm, softmax, dropout) may run on `x`.
+    fn use_cuda(&self, x: &Tensor) -> bool {
+        self.fused && cuda::applies(x)
+    }
+
     /// `table[ids]`: the fused lookup (gradient into the sink, beside the tied decoder's)
     /// when it can be, `index_select` otherwise.
     fn lookup(&self, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
@@ -275,16 +282,26 @@ impl Encoder {
             let keep = x.track_op() || lin.weight.track_op() || bias.track_op();
             return fused::linear::linear(x, &lin.weight, bias, act, mask, keep, Some(&self.sink));
         }
+        if let (true, Some(bias)) = (self.use_cuda(x), &lin.bias) {
+            let drop = match rng {
+                Some(r) if p > 0.0 => Some((p, r.random())),
+                _ => None,
+            };
+            return cuda::linear(x, &lin.weight, bias, act, drop, self.compute);
+        }
         let mut y = lin.forward_in(x, self.compute)?;
         if let Some(a) = act {
             y = activate(&y, a)?;
         }
-        dropout(&y, p, rng)
+        self.drop(&y, p, rng)
     }
 
     fn norm(&self, n: &LayerNorm, x: &Tensor) -> Result<Tensor> {
         if self.use_fused(x) {
             return fused::layer_norm::layer_norm(x, &n.weight, &n.bias, n.eps);
+        }
+        if self.use_cuda(x) {
+            return cuda::layer_norm(x, &n.weight, &n.bias, n.eps);
         }
         n.forward(x)
     }
@@ -294,12 +311,13 @@ impl Encoder {
         if self.use_fused(a) {
             return fused::layer_norm::residual_layer_norm(a, residual, &n.weight, &n.bias, n.eps);
         }
-        n.forward(&a.add(residual)?)
+        self.norm(n, &a.add(residual)?)
     }
 
     fn drop(&self, x: &Tensor, p: f32, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
         match rng {
             Some(r) if p > 0.0 && self.use_fused(x) => fused::dropout::dropout(x, p, r),
+            Some(r) if p > 0.0 && self.use_cuda(x) => cuda::dropout(x, p, r.random()),
             rng => dropout(x, p, rng),
         }
     }
@@ -356,6 +374,12 @@ impl Encoder {
         }
         let x = x.reshape((b, s, cfg.embedding_size))?;
         let x = self.norm(&self.emb.norm, &x)?;
+        if let (Some(r), false, false) = (rng.as_deref_mut(), dev.is_cpu(), self.use_cuda(&x)) {
+            // The composed ops' GPU dropout draws from the device's generator (see
+            // `ops::dropout`): seeded from `rng` each pass, a run and its resumption draw the
+            // same masks.
+            dev.set_seed(r.next_u64())?;
+        }
         let mut x = self.drop(&x, cfg.hidden_dropout, rng.as_deref_mut())?;
         if let Some(p) = &self.emb.projection {
             x = self.dense(p, &x, None, 0.0, None)?;
@@ -490,6 +514,16 @@ impl Encoder {
                     fused::attention::attention(&q, &k, &v, nh, key_mask.clone(), drop, keep)?;
                 (ctx, None)
             }
+            AttentionMask::Additive(mask) if self.use_cuda(&q) && !want_probs => {
+                let drop = match rng.as_deref_mut() {
+                    Some(r) if cfg.attention_dropout > 0.0 => {
+                        Some((cfg.attention_dropout, r.random()))
+                    }
+                    _ => None,
+                };
+                let ctx = cuda::attention(&q, &k, &v, nh, mask.as_ref(), drop, self.compute)?;
+                (ctx, None)
+            }
             AttentionMask::Additive(mask) => {
                 let heads = |t: Tensor| -> Result<Tensor> {
                     Ok(t.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous()?)
@@ -499,8 +533,12 @@ impl Encoder {
                 if let Some(m) = mask {
                     scores = scores.broadcast_add(m)?;
                 }
-                let probs = softmax_last_dim(&scores)?;
-                let probs_d = dropout(&probs, cfg.attention_dropout, rng.as_deref_mut())?;
+                let probs = if self.use_cuda(&scores) {
+                    cuda::softmax_last_dim(&scores)?
+                } else {
+                    softmax_last_dim(&scores)?
+                };
+                let probs_d = self.drop(&probs, cfg.attention_dropout, rng.as_deref_mut())?;
                 let ctx = matmul_in(&probs_d, &v, self.compute)?
                     .transpose(1, 2)?
                     .contiguous()?

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod cuda;
 pub mod encoder;
 pub mod fused;
 pub mod hub;

@@ -98,15 +98,25 @@ pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
     })
 }
 
-/// Inverted dropout with a mask drawn from `rng` (candle's CPU RNG cannot be seeded). The
-/// mask is [`Mask::draw`]'s, the same the fused kernels draw from the same RNG state.
-/// With `rng == None` or `p == 0` the input is returned unchanged.
+/// Inverted dropout. On the CPU the mask is drawn from `rng` (candle's CPU RNG cannot be
+/// seeded): [`Mask::draw`]'s, the same the fused kernels draw from the same RNG state. On a
+/// GPU it is drawn there, from the device's generator, which [`Encoder::forward`] reseeds
+/// from `rng` at the start of each training pass: drawing it on the host and copying it over
+/// would cost more than the step's matmuls. With `rng == None` or `p == 0` the input is
+/// returned unchanged.
+///
+/// [`Encoder::forward`]: super::Encoder::forward
 pub fn dropout(x: &Tensor, p: f32, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
     let Some(rng) = rng else {
         return Ok(x.clone());
     };
     if p <= 0.0 {
         return Ok(x.clone());
+    }
+    if !x.device().is_cpu() {
+        let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
+        let keep = (u.ge(p as f64)?.to_dtype(x.dtype())? * (1.0 / (1.0 - p as f64)))?;
+        return Ok(x.mul(&keep)?);
     }
     let m = Mask::draw(rng, x.elem_count(), p);
     let mask: Vec<f32> = (0..x.elem_count()).map(|i| m.factor(i)).collect();

@@ -6,6 +6,7 @@
 //! single pass over its memory through candle's in-place custom-op interface; on other
 //! devices it falls back to tensor ops (same formula).
 
+use crate::model::cuda;
 use anyhow::{bail, Context, Result};
 use candle_core::{CpuStorage, DType, Layout, Tensor, Var};
 use rayon::prelude::*;
@@ -60,6 +61,8 @@ pub struct AdamW {
     /// Number of updates done so far.
     pub step: u64,
     slots: BTreeMap<String, Slot>,
+    /// Whether GPU parameters take the one-kernel update (`model::cuda`), not candle's ops.
+    fused: bool,
 }
 
 /// One step's scalars, shared by every parameter.
@@ -172,7 +175,14 @@ impl AdamW {
             cfg,
             step: 0,
             slots,
+            fused: true,
         })
+    }
+
+    /// Chooses between the one-kernel CUDA update (the default, used where it applies) and
+    /// candle's element-wise ops, for comparison. The CPU update is always the fused one.
+    pub fn set_fused(&mut self, fused: bool) {
+        self.fused = fused;
     }
 
     /// One update with learning rate `lr`. Each gradient is multiplied by `grad_scale`
@@ -209,6 +219,19 @@ impl AdamW {
                     slot.var
                         .as_tensor()
                         .inplace_op2(&g, &CpuUpdate { s, m, v })
+                        .with_context(|| format!("AdamW update of {name}"))?;
+                }
+                Moments::Device { m, v } if self.fused && cuda::applies(&g) => {
+                    let step = cuda::AdamWStep {
+                        step_size: s.lr / s.bias_correction1,
+                        beta1: s.beta1,
+                        beta2: s.beta2,
+                        eps: s.eps,
+                        decay_factor: s.decay_factor,
+                        bias_correction2_sqrt: s.bias_correction2_sqrt,
+                        grad_scale: s.grad_scale,
+                    };
+                    cuda::adamw(slot.var.as_tensor(), &g, m, v, step)
                         .with_context(|| format!("AdamW update of {name}"))?;
                 }
                 Moments::Device { m, v } => {

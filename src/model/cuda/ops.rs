@@ -1,0 +1,775 @@
+//! The kernels as candle ops: each a `CustomOp` whose `cuda_fwd` launches a kernel of
+//! `kernels.cu` and whose `cpu_fwd` runs its twin in [`super::reference`], with the backward
+//! passes written once, in tensor ops and these ops, for both.
+
+use super::reference as r;
+use crate::model::fused::{cpu_out, cpu_slice};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+
+#[cfg(feature = "cuda")]
+use super::launch::{
+    column_grid, elementwise_grid, launch, out, row_grid, view, view_of, wrap, CResult,
+};
+#[cfg(feature = "cuda")]
+use candle_core::backend::BackendStorage;
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+
+type Res<T> = candle_core::Result<T>;
+
+fn msg(m: String) -> candle_core::Error {
+    candle_core::Error::Msg(m)
+}
+
+/// `(rows, cols)` of a tensor seen as rows of its last dimension.
+fn rows_cols(l: &Layout) -> Res<(usize, usize)> {
+    let cols = *l
+        .dims()
+        .last()
+        .ok_or_else(|| msg("a 0-d tensor has no rows".into()))?;
+    Ok((l.shape().elem_count() / cols.max(1), cols))
+}
+
+/// A held tensor's elements on the host (the CPU implementations).
+fn host(t: &Tensor) -> Res<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+/// The chunking of `rows` for the GPU's column sums: (chunks, rows a chunk), about 64 rows a
+/// chunk and at most 1024 chunks.
+#[cfg(feature = "cuda")]
+fn chunking(rows: usize) -> (usize, usize) {
+    let chunks = rows.div_ceil(64).clamp(1, 1024);
+    let per_chunk = rows.div_ceil(chunks).max(1);
+    (rows.div_ceil(per_chunk).max(1), per_chunk)
+}
+
+// ---- dropout ---------------------------------------------------------------------------
+
+/// `x · mask(seed)`: dropout, and its own backward (the same mask on the gradient).
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
+impl Dropout {
+    fn scale(&self) -> f32 {
+        1.0 / (1.0 - self.p)
+    }
+}
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "cuda-dropout"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Res<(CpuStorage, Shape)> {
+        let x = cpu_slice(s, l, self.name())?;
+        let y = r::dropout(x, self.seed, self.p, self.scale());
+        Ok((cpu_out(y), l.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> CResult<(CudaStorage, Shape)> {
+        let dev = s.device();
+        let x = view(s, l, self.name())?;
+        let n = l.shape().elem_count();
+        let y = out(dev, n)?;
+        launch!(
+            dev,
+            "distil_dropout",
+            elementwise_grid(n),
+            [&x, &y],
+            [n as u64, self.seed, self.p, self.scale()]
+        );
+        Ok(wrap(y, dev, l.shape().clone()))
+    }
+    fn bwd(&self, _: &Tensor, _: &Tensor, g: &Tensor) -> Res<Option<Tensor>> {
+        Ok(Some(g.contiguous()?.apply_op1_no_bwd(self)?))
+    }
+}
+
+// ---- softmax ---------------------------------------------------------------------------
+
+/// Softmax over the last dimension of `x · scale + mask`, the mask `[batch · keys]` added to
+/// each of a sequence's `rows / batch` rows (attention); without a mask, plain softmax.
+pub struct Softmax {
+    pub mask: Option<Tensor>,
+    pub scale: f32,
+}
+
+impl Softmax {
+    /// Rows a sequence: the mask's row for row `r` is `r / rows_per_batch`.
+    fn rows_per_batch(&self, l: &Layout) -> Res<usize> {
+        let (rows, cols) = rows_cols(l)?;
+        let Some(m) = &self.mask else {
+            return Ok(rows.max(1));
+        };
+        let batch = m.elem_count() / cols.max(1);
+        if batch == 0 || batch * cols != m.elem_count() || rows % batch != 0 {
+            return Err(msg(format!(
+                "attention softmax: a mask of {} values for {rows} rows of {cols} keys",
+                m.elem_count()
+            )));
+        }
+        Ok(rows / batch)
+    }
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "cuda-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Res<(CpuStorage, Shape)> {
+        let x = cpu_slice(s, l, self.name())?;
+        let (_, cols) = rows_cols(l)?;
+        let per = self.rows_per_batch(l)?;
+        let mask = self.mask.as_ref().map(host).transpose()?;
+        let y = r::softmax(x, cols, mask.as_deref(), per, self.scale);
+        Ok((cpu_out(y), l.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> CResult<(CudaStorage, Shape)> {
+        let dev = s.device();
+        let x = view(s, l, self.name())?;
+        let (rows, cols) = rows_cols(l)?;
+        let per = self.rows_per_batch(l)? as u64;
+        let y = out(dev, rows * cols)?;
+        match &self.mask {
+            Some(m) => {
+                let (ms, ml) = m.storage_and_layout();
+                let mask = view_of(&ms, ml, self.name())?;
+                launch!(
+                    dev,
+                    "distil_attention_softmax",
+                    row_grid(rows)?,
+                    [&x, &mask, &y],
+                    [rows as u64, cols as u64, per, self.scale]
+                );
+            }
+            None => {
+                launch!(
+                    dev,
+                    "distil_softmax",
+                    row_grid(rows)?,
+                    [&x, &y],
+                    [rows as u64, cols as u64, self.scale]
+                );
+            }
+        }
+        Ok(wrap(y, dev, l.shape().clone()))
+    }
+    fn bwd(&self, _: &Tensor, y: &Tensor, g: &Tensor) -> Res<Option<Tensor>> {
+        let op = SoftmaxBwd { scale: self.scale };
+        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &op)?))
+    }
+}
+
+/// `(y, g) -> scale · y · (g - Σ g·y)`: the gradient of the softmax's input before scaling.
+pub struct SoftmaxBwd {
+    pub scale: f32,
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "cuda-softmax-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Res<(CpuStorage, Shape)> {
+        let (y, g) = (
+            cpu_slice(ys, yl, self.name())?,
+            cpu_slice(gs, gl, self.name())?,
+        );
+        let (_, cols) = rows_cols(yl)?;
+        Ok((
+            cpu_out(r::softmax_bwd(y, g, cols, self.scale)),
+            yl.shape().clone(),
+        ))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ys: &CudaStorage,
+        yl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> CResult<(CudaStorage, Shape)> {
+        let dev = ys.device();
+        let (y, g) = (view(ys, yl, self.name())?, view(gs, gl, self.name())?);
+        let (rows, cols) = rows_cols(yl)?;
+        let dx = out(dev, rows * cols)?;
+        launch!(
+            dev,
+            "distil_softmax_bwd",
+            row_grid(rows)?,
+            [&y, &g, &dx],
+            [rows as u64, cols as u64, self.scale]
+        );
+        Ok(wrap(dx, dev, yl.shape().clone()))
+    }
+}
+
+// ---- layer norm ------------------------------------------------------------------------
+
+/// `(x, w, b) -> (x - mean) / sqrt(var + eps) · w + b` over the last dimension.
+pub struct LayerNorm {
+    pub eps: f32,
+}
+
+fn check_ln(name: &str, cols: usize, wl: &Layout, bl: &Layout) -> Res<()> {
+    if wl.shape().elem_count() != cols || bl.shape().elem_count() != cols {
+        return Err(msg(format!(
+            "{name}: weight {:?} and bias {:?} must have the input's last dimension {cols}",
+            wl.dims(),
+            bl.dims()
+        )));
+    }
+    Ok(())
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "cuda-layer-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Res<(CpuStorage, Shape)> {
+        let (_, cols) = rows_cols(xl)?;
+        check_ln(self.name(), cols, wl, bl)?;
+        let x = cpu_slice(xs, xl, self.name())?;
+        let (w, b) = (
+            cpu_slice(ws, wl, self.name())?,
+            cpu_slice(bs, bl, self.name())?,
+        );
+        Ok((
+            cpu_out(r::layer_norm(x, w, b, cols, self.eps)),
+            xl.shape().clone(),
+        ))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> CResult<(CudaStorage, Shape)> {
+        let dev = xs.device();
+        let (rows, cols) = rows_cols(xl)?;
+        check_ln(self.name(), cols, wl, bl)?;
+        let x = view(xs, xl, self.name())?;
+        let (w, b) = (view(ws, wl, self.name())?, view(bs, bl, self.name())?);
+        let y = out(dev, rows * cols)?;
+        launch!(
+            dev,
+            "distil_layer_norm",
+            row_grid(rows)?,
+            [&x, &w, &b, &y],
+            [rows as u64, cols as u64, self.eps]
+        );
+        Ok(wrap(y, dev, xl.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Res<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let stats = x.apply_op1_no_bwd(&LayerNormStats { eps: self.eps })?;
+        let dx = x.apply_op3_no_bwd(
+            &w.contiguous()?,
+            &g,
+            &LayerNormBwdX {
+                stats: stats.clone(),
+            },
+        )?;
+        let sums = x.apply_op2_no_bwd(&g, &LayerNormBwdWb { stats })?.sum(1)?; // [2, cols]
+        let dw = sums.get(0)?.reshape(w.shape())?;
+        let db = sums.get(1)?.reshape(w.shape())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// `x -> [rows, 2]`: each row's mean and `1/sqrt(var + eps)`.
+struct LayerNormStats {
+    eps: f32,
+}
+
+impl CustomOp1 for LayerNormStats {
+    fn name(&self) -> &'static str {
+        "cuda-layer-norm-stats"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Res<(CpuStorage, Shape)> {
+        let (rows, cols) = rows_cols(l)?;
+        let x = cpu_slice(s, l, self.name())?;
+        Ok((
+            cpu_out(r::layer_norm_stats(x, cols, self.eps)),
+            Shape::from((rows, 2)),
+        ))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> CResult<(CudaStorage, Shape)> {
+        let dev = s.device();
+        let x = view(s, l, self.name())?;
+        let (rows, cols) = rows_cols(l)?;
+        let stats = out(dev, rows * 2)?;
+        launch!(
+            dev,
+            "distil_layer_norm_stats",
+            row_grid(rows)?,
+            [&x, &stats],
+            [rows as u64, cols as u64, self.eps]
+        );
+        Ok(wrap(stats, dev, Shape::from((rows, 2))))
+    }
+}
+
+/// `(x, w, g) -> dx`, with the row statistics.
+struct LayerNormBwdX {
+    stats: Tensor,
+}
+
+impl CustomOp3 for LayerNormBwdX {
+    fn name(&self) -> &'static str {
+        "cuda-layer-norm-bwd-x"
+    }
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Res<(CpuStorage, Shape)> {
+        let (_, cols) = rows_cols(xl)?;
+        let (x, w, g) = (
+            cpu_slice(xs, xl, self.name())?,
+            cpu_slice(ws, wl, self.name())?,
+            cpu_slice(gs, gl, self.name())?,
+        );
+        let dx = r::layer_norm_bwd_x(x, w, g, &host(&self.stats)?, cols);
+        Ok((cpu_out(dx), xl.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> CResult<(CudaStorage, Shape)> {
+        let dev = xs.device();
+        let (rows, cols) = rows_cols(xl)?;
+        let (x, w, g) = (
+            view(xs, xl, self.name())?,
+            view(ws, wl, self.name())?,
+            view(gs, gl, self.name())?,
+        );
+        let (st, sl) = self.stats.storage_and_layout();
+        let stats = view_of(&st, sl, self.name())?;
+        let dx = out(dev, rows * cols)?;
+        launch!(
+            dev,
+            "distil_layer_norm_bwd_x",
+            row_grid(rows)?,
+            [&x, &w, &g, &stats, &dx],
+            [rows as u64, cols as u64]
+        );
+        Ok(wrap(dx, dev, xl.shape().clone()))
+    }
+}
+
+/// `(x, g) -> [2, chunks, cols]`: per chunk of rows, Σ g·xhat and Σ g.
+struct LayerNormBwdWb {
+    stats: Tensor,
+}
+
+impl CustomOp2 for LayerNormBwdWb {
+    fn name(&self) -> &'static str {
+        "cuda-layer-norm-bwd-wb"
+    }
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Res<(CpuStorage, Shape)> {
+        let (_, cols) = rows_cols(xl)?;
+        let (x, g) = (
+            cpu_slice(xs, xl, self.name())?,
+            cpu_slice(gs, gl, self.name())?,
+        );
+        let sums = r::layer_norm_bwd_wb(x, g, &host(&self.stats)?, cols);
+        Ok((cpu_out(sums), Shape::from((2, 1, cols))))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> CResult<(CudaStorage, Shape)> {
+        let dev = xs.device();
+        let (rows, cols) = rows_cols(xl)?;
+        let (x, g) = (view(xs, xl, self.name())?, view(gs, gl, self.name())?);
+        let (st, sl) = self.stats.storage_and_layout();
+        let stats = view_of(&st, sl, self.name())?;
+        let (chunks, per_chunk) = chunking(rows);
+        let partial = out(dev, 2 * chunks * cols)?;
+        launch!(
+            dev,
+            "distil_layer_norm_bwd_wb",
+            column_grid(cols, chunks),
+            [&x, &g, &stats, &partial],
+            [rows as u64, cols as u64, per_chunk as u64]
+        );
+        Ok(wrap(partial, dev, Shape::from((2, chunks, cols))))
+    }
+}
+
+// ---- dense layer -----------------------------------------------------------------------
+
+/// `(x, w, b) -> dropout(act(pre + b))` where `pre = x · Wᵀ` was computed outside the graph
+/// (cuBLAS through candle); the backward computes dx, dW and db, its products in `compute`.
+pub struct Dense {
+    pub pre: Tensor,
+    pub act: u32,
+    pub p: f32,
+    pub seed: u64,
+    pub compute: DType,
+}
+
+impl Dense {
+    fn scale(&self) -> f32 {
+        if self.p > 0.0 {
+            1.0 / (1.0 - self.p)
+        } else {
+            1.0
+        }
+    }
+
+    /// The output's shape (the input's with the weight's output width last), checked.
+    fn out_shape(&self, xl: &Layout, wl: &Layout, bl: &Layout) -> Res<Shape> {
+        let (out_f, in_f) = wl.shape().dims2()?;
+        let rows = xl.shape().elem_count() / in_f.max(1);
+        if xl.dims().last() != Some(&in_f)
+            || bl.shape().elem_count() != out_f
+            || self.pre.dims() != [rows, out_f]
+        {
+            return Err(msg(format!(
+                "cuda-dense: input {:?}, weight {:?}, bias {:?} and product {:?} disagree",
+                xl.dims(),
+                wl.dims(),
+                bl.dims(),
+                self.pre.dims()
+            )));
+        }
+        let mut dims = xl.dims().to_vec();
+        *dims.last_mut().unwrap() = out_f;
+        Ok(Shape::from(dims))
+    }
+}
+
+impl CustomOp3 for Dense {
+    fn name(&self) -> &'static str {
+        "cuda-dense"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        xl: &Layout,
+        _: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Res<(CpuStorage, Shape)> {
+        let shape = self.out_shape(xl, wl, bl)?;
+        let b = cpu_slice(bs, bl, self.name())?;
+        let y = r::bias_act(
+            &host(&self.pre)?,
+            b,
+            self.act,
+            self.p,
+            self.seed,
+            self.scale(),
+        );
+        Ok((cpu_out(y), shape))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        _: &CudaStorage,
+        wl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> CResult<(CudaStorage, Shape)> {
+        let dev = xs.device();
+        let shape = self.out_shape(xl, wl, bl)?;
+        let (rows, cols) = self.pre.dims2()?;
+        let b = view(bs, bl, self.name())?;
+        let (ps, pl) = self.pre.storage_and_layout();
+        let pre = view_of(&ps, pl, self.name())?;
+        let y = out(dev, rows * cols)?;
+        launch!(
+            dev,
+            "distil_bias_act",
+            elementwise_grid(rows * cols),
+            [&pre, &b, &y],
+            [
+                rows as u64,
+                cols as u64,
+                self.act,
+                self.p,
+                self.seed,
+                self.scale()
+            ]
+        );
+        Ok(wrap(y, dev, shape))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Res<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (rows, out_f) = self.pre.dims2()?;
+        let in_f = w.dim(1)?;
+        let g = g.contiguous()?.reshape((rows, out_f))?;
+        // The gradient at the product: g through the dropout mask and the activation.
+        let gz = if self.act == 0 && self.p == 0.0 {
+            g
+        } else {
+            let op = BiasActBwd {
+                b: b.clone(),
+                act: self.act,
+                p: self.p,
+                seed: self.seed,
+                scale: self.scale(),
+            };
+            self.pre.apply_op2_no_bwd(&g, &op)?
+        };
+        let db = gz.apply_op1_no_bwd(&ColSum)?.sum(0)?.reshape(b.shape())?;
+        let c = self.compute;
+        let gz_c = gz.to_dtype(c)?;
+        let dx = gz_c
+            .matmul(&w.to_dtype(c)?)?
+            .to_dtype(DType::F32)?
+            .reshape(x.shape())?;
+        let x2 = x.reshape((rows, in_f))?.to_dtype(c)?;
+        let dw = gz_c.t()?.matmul(&x2)?.to_dtype(DType::F32)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// `(pre, g) -> g · mask · act'(pre + b)`.
+struct BiasActBwd {
+    b: Tensor,
+    act: u32,
+    p: f32,
+    seed: u64,
+    scale: f32,
+}
+
+impl CustomOp2 for BiasActBwd {
+    fn name(&self) -> &'static str {
+        "cuda-bias-act-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        ps: &CpuStorage,
+        pl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Res<(CpuStorage, Shape)> {
+        let (pre, g) = (
+            cpu_slice(ps, pl, self.name())?,
+            cpu_slice(gs, gl, self.name())?,
+        );
+        let gz = r::bias_act_bwd(
+            pre,
+            &host(&self.b)?,
+            g,
+            self.act,
+            self.p,
+            self.seed,
+            self.scale,
+        );
+        Ok((cpu_out(gz), pl.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ps: &CudaStorage,
+        pl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> CResult<(CudaStorage, Shape)> {
+        let dev = ps.device();
+        let (rows, cols) = rows_cols(pl)?;
+        let (pre, g) = (view(ps, pl, self.name())?, view(gs, gl, self.name())?);
+        let (bs, bl) = self.b.storage_and_layout();
+        let b = view_of(&bs, bl, self.name())?;
+        let gz = out(dev, rows * cols)?;
+        launch!(
+            dev,
+            "distil_bias_act_bwd",
+            elementwise_grid(rows * cols),
+            [&pre, &b, &g, &gz],
+            [
+                rows as u64,
+                cols as u64,
+                self.act,
+                self.p,
+                self.seed,
+                self.scale
+            ]
+        );
+        Ok(wrap(gz, dev, pl.shape().clone()))
+    }
+}
+
+/// `[rows, cols] -> [chunks, cols]`: column sums by chunks of rows (sum over the chunks).
+struct ColSum;
+
+impl CustomOp1 for ColSum {
+    fn name(&self) -> &'static str {
+        "cuda-colsum"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Res<(CpuStorage, Shape)> {
+        let (_, cols) = rows_cols(l)?;
+        let x = cpu_slice(s, l, self.name())?;
+        Ok((cpu_out(r::colsum(x, cols)), Shape::from((1, cols))))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> CResult<(CudaStorage, Shape)> {
+        let dev = s.device();
+        let (rows, cols) = rows_cols(l)?;
+        let x = view(s, l, self.name())?;
+        let (chunks, per_chunk) = chunking(rows);
+        let partial = out(dev, chunks * cols)?;
+        launch!(
+            dev,
+            "distil_colsum",
+            column_grid(cols, chunks),
+            [&x, &partial],
+            [rows as u64, cols as u64, per_chunk as u64]
+        );
+        Ok(wrap(partial, dev, Shape::from((chunks, cols))))
+    }
+}
+
+// ---- attention -------------------------------------------------------------------------
+
+/// `(q, k, v) -> ctx`, all `[batch, seq, hidden]`: multi-head attention computed outside the
+/// graph (`ctx` and what the backward needs held here); the node's forward hands out a copy
+/// of `ctx`, its backward computes dq, dk and dv.
+pub struct Attention {
+    pub ctx: Tensor,
+    /// The heads `[batch, heads, seq, head_dim]` of q, k and v.
+    pub qh: Tensor,
+    pub kh: Tensor,
+    pub vh: Tensor,
+    /// The probabilities before dropout `[batch, heads, seq, seq]`.
+    pub probs: Tensor,
+    pub dropout: Option<Dropout>,
+    pub scale: f32,
+    pub compute: DType,
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "cuda-attention"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        ql: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Res<(CpuStorage, Shape)> {
+        Ok((cpu_out(host(&self.ctx)?), ql.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        ql: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> CResult<(CudaStorage, Shape)> {
+        let (cs, cl) = self.ctx.storage_and_layout();
+        match &*cs {
+            candle_core::Storage::Cuda(c) => Ok((c.try_clone(cl)?, ql.shape().clone())),
+            _ => Err(msg(format!(
+                "{}: its context is not on the GPU",
+                self.name()
+            ))),
+        }
+    }
+    fn bwd(
+        &self,
+        q: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _ctx: &Tensor,
+        g: &Tensor,
+    ) -> Res<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, s, h) = q.dims3()?;
+        let nh = self.qh.dim(1)?;
+        let c = self.compute;
+        let f32 = DType::F32;
+        let gh = split_heads(g, nh)?.to_dtype(c)?;
+        let probs_d = match &self.dropout {
+            Some(d) => self.probs.apply_op1_no_bwd(d)?,
+            None => self.probs.clone(),
+        };
+        // ctx_h = probs_d · v_h
+        let g_probs_d = gh.matmul(&self.vh.to_dtype(c)?.t()?)?.to_dtype(f32)?;
+        let g_vh = probs_d.to_dtype(c)?.t()?.matmul(&gh)?.to_dtype(f32)?;
+        let g_probs = match &self.dropout {
+            Some(d) => g_probs_d.apply_op1_no_bwd(d)?,
+            None => g_probs_d,
+        };
+        // probs = softmax(scores · scale + mask), scores = q_h · k_hᵀ
+        let op = SoftmaxBwd { scale: self.scale };
+        let g_scores = self.probs.apply_op2_no_bwd(&g_probs, &op)?.to_dtype(c)?;
+        let g_qh = g_scores.matmul(&self.kh.to_dtype(c)?)?.to_dtype(f32)?;
+        let g_kh = g_scores.t()?.matmul(&self.qh.to_dtype(c)?)?.to_dtype(f32)?;
+        let merge =
+            |t: Tensor| -> Res<Tensor> { t.transpose(1, 2)?.contiguous()?.reshape((b, s, h)) };
+        Ok((Some(merge(g_qh)?), Some(merge(g_kh)?), Some(merge(g_vh)?)))
+    }
+}
+
+/// `[batch, seq, heads · head_dim] -> [batch, heads, seq, head_dim]`, contiguous.
+pub fn split_heads(t: &Tensor, nh: usize) -> Res<Tensor> {
+    let (b, s, h) = t.dims3()?;
+    t.reshape((b, s, nh, h / nh))?.transpose(1, 2)?.contiguous()
+}

@@ -1,0 +1,205 @@
+//! The kernels of `kernels.cu` written out as plain Rust loops over `f32` slices: the ops'
+//! CPU implementations, so that the ops' shapes, argument order and backward passes are
+//! tested on any machine (`tests/cuda_ops.rs`) against candle's composed ops, and the GPU
+//! run only adds the kernels' own arithmetic, which mirrors these line for line.
+
+use crate::model::fused::math::erf;
+
+/// Inverted dropout's factor for element `i` (`keep_scale` in `kernels.cu`).
+pub fn keep_scale(seed: u64, i: u64, p: f32, scale: f32) -> f32 {
+    let mut z = seed.wrapping_add((i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let u = (z >> 40) as f32 * (1.0 / 16_777_216.0);
+    if u < p {
+        0.0
+    } else {
+        scale
+    }
+}
+
+/// The factor of element `i` when dropout may be off (`p == 0`).
+fn factor(seed: u64, i: usize, p: f32, scale: f32) -> f32 {
+    if p > 0.0 {
+        keep_scale(seed, i as u64, p, scale)
+    } else {
+        1.0
+    }
+}
+
+pub fn dropout(x: &[f32], seed: u64, p: f32, scale: f32) -> Vec<f32> {
+    x.iter()
+        .enumerate()
+        .map(|(i, &v)| v * keep_scale(seed, i as u64, p, scale))
+        .collect()
+}
+
+/// Softmax of `x · scale + mask` over rows of `cols`, row `r` taking mask row
+/// `r / rows_per_batch` (`mask == None`: no mask).
+pub fn softmax(
+    x: &[f32],
+    cols: usize,
+    mask: Option<&[f32]>,
+    rows_per_batch: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    for (r, (xr, yr)) in x.chunks(cols).zip(y.chunks_mut(cols)).enumerate() {
+        let m = mask.map(|m| &m[(r / rows_per_batch) * cols..][..cols]);
+        let z = |j: usize| xr[j] * scale + m.map_or(0.0, |m| m[j]);
+        let max = (0..cols).map(z).fold(f32::NEG_INFINITY, f32::max);
+        let mut s = 0f32;
+        for (j, v) in yr.iter_mut().enumerate() {
+            *v = (z(j) - max).exp();
+            s += *v;
+        }
+        let inv = 1.0 / s;
+        yr.iter_mut().for_each(|v| *v *= inv);
+    }
+    y
+}
+
+/// `scale · y · (g - Σ g·y)` over rows of `cols`.
+pub fn softmax_bwd(y: &[f32], g: &[f32], cols: usize, scale: f32) -> Vec<f32> {
+    let mut dx = vec![0f32; y.len()];
+    for ((yr, gr), dr) in y.chunks(cols).zip(g.chunks(cols)).zip(dx.chunks_mut(cols)) {
+        let d: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+        for ((o, &yv), &gv) in dr.iter_mut().zip(yr).zip(gr) {
+            *o = scale * yv * (gv - d);
+        }
+    }
+    dx
+}
+
+/// `[rows, 2]`: each row's mean and `1/sqrt(var + eps)`.
+pub fn layer_norm_stats(x: &[f32], cols: usize, eps: f32) -> Vec<f32> {
+    x.chunks(cols)
+        .flat_map(|r| {
+            let mean = r.iter().sum::<f32>() / cols as f32;
+            let var = r.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / cols as f32;
+            [mean, 1.0 / (var + eps).sqrt()]
+        })
+        .collect()
+}
+
+pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], cols: usize, eps: f32) -> Vec<f32> {
+    let stats = layer_norm_stats(x, cols, eps);
+    let mut y = vec![0f32; x.len()];
+    for (r, (xr, yr)) in x.chunks(cols).zip(y.chunks_mut(cols)).enumerate() {
+        let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
+        for j in 0..cols {
+            yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
+        }
+    }
+    y
+}
+
+pub fn layer_norm_bwd_x(x: &[f32], w: &[f32], g: &[f32], stats: &[f32], cols: usize) -> Vec<f32> {
+    let mut dx = vec![0f32; x.len()];
+    for (r, ((xr, gr), dr)) in x
+        .chunks(cols)
+        .zip(g.chunks(cols))
+        .zip(dx.chunks_mut(cols))
+        .enumerate()
+    {
+        let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
+        let (mut a, mut c) = (0f32, 0f32);
+        for j in 0..cols {
+            let gw = gr[j] * w[j];
+            a += gw;
+            c += gw * (xr[j] - mean) * rstd;
+        }
+        let (a, c) = (a / cols as f32, c / cols as f32);
+        for j in 0..cols {
+            let xh = (xr[j] - mean) * rstd;
+            dr[j] = rstd * (gr[j] * w[j] - a - xh * c);
+        }
+    }
+    dx
+}
+
+/// `[2, 1, cols]`: Σ g·xhat and Σ g over all rows (one chunk).
+pub fn layer_norm_bwd_wb(x: &[f32], g: &[f32], stats: &[f32], cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; 2 * cols];
+    for (r, (xr, gr)) in x.chunks(cols).zip(g.chunks(cols)).enumerate() {
+        let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
+        for j in 0..cols {
+            out[j] += gr[j] * (xr[j] - mean) * rstd;
+            out[cols + j] += gr[j];
+        }
+    }
+    out
+}
+
+/// Activation `act` (0 none, 1 GELU erf, 2 GELU tanh, 3 ReLU) and its derivative.
+pub fn act_fwd(z: f32, act: u32) -> f32 {
+    match act {
+        1 => 0.5 * z * (1.0 + erf(z * std::f32::consts::FRAC_1_SQRT_2)),
+        2 => {
+            let t = (0.797_884_6 * (z + 0.044715 * z * z * z)).tanh();
+            0.5 * z * (1.0 + t)
+        }
+        3 => z.max(0.0),
+        _ => z,
+    }
+}
+
+pub fn act_grad(z: f32, act: u32) -> f32 {
+    match act {
+        1 => {
+            0.5 * (1.0 + erf(z * std::f32::consts::FRAC_1_SQRT_2))
+                + z * 0.398_942_3 * (-0.5 * z * z).exp()
+        }
+        2 => {
+            let k = 0.797_884_6f32;
+            let t = (k * (z + 0.044715 * z * z * z)).tanh();
+            0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * z * z)
+        }
+        3 => {
+            if z > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+        _ => 1.0,
+    }
+}
+
+/// A dense layer's epilogue: `dropout(act(pre + b))` over rows of `cols`.
+pub fn bias_act(pre: &[f32], b: &[f32], act: u32, p: f32, seed: u64, scale: f32) -> Vec<f32> {
+    let cols = b.len();
+    pre.iter()
+        .enumerate()
+        .map(|(i, &v)| act_fwd(v + b[i % cols], act) * factor(seed, i, p, scale))
+        .collect()
+}
+
+/// Its backward to the product: `g · mask · act'(pre + b)`.
+#[allow(clippy::too_many_arguments)]
+pub fn bias_act_bwd(
+    pre: &[f32],
+    b: &[f32],
+    g: &[f32],
+    act: u32,
+    p: f32,
+    seed: u64,
+    scale: f32,
+) -> Vec<f32> {
+    let cols = b.len();
+    pre.iter()
+        .zip(g)
+        .enumerate()
+        .map(|(i, (&v, &gv))| gv * factor(seed, i, p, scale) * act_grad(v + b[i % cols], act))
+        .collect()
+}
+
+/// `[1, cols]`: the column sums (one chunk).
+pub fn colsum(x: &[f32], cols: usize) -> Vec<f32> {
+    let mut s = vec![0f32; cols];
+    for r in x.chunks(cols) {
+        s.iter_mut().zip(r).for_each(|(a, v)| *a += v);
+    }
+    s
+}

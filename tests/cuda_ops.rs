@@ -1,0 +1,279 @@
+//! The GPU ops of `model::cuda` run on the CPU through their kernels' Rust twins
+//! (`model::cuda::reference`): their values and gradients against candle's composed ops, so
+//! the ops' shapes, argument order and backward passes are checked on any machine. On a GPU,
+//! `distil parity --device cuda` checks the encoder built on them against transformers.
+
+use candle_core::{DType, Device, Tensor, Var};
+use distil::model::cuda::{self, reference};
+use distil::model::ops::{softmax_last_dim, LayerNorm};
+use distil::model::Activation;
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    // A deterministic pseudo-normal tensor (sums of uniforms from a splitmix stream).
+    let n: usize = shape.iter().product();
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 40) as f32 / 16_777_216.0
+    };
+    let v: Vec<f32> = (0..n)
+        .map(|_| (next() + next() + next() + next() - 2.0) * 1.7)
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// `Σ y · r` for a fixed random `r`: a loss whose gradient at `y` is `r`.
+fn probe(y: &Tensor, seed: u64) -> Tensor {
+    (y * randn(y.dims(), seed)).unwrap().sum_all().unwrap()
+}
+
+/// Values of `f` and gradients of `Σ f · r` for each input, for both implementations.
+fn check(
+    name: &str,
+    inputs: &[Tensor],
+    ours: impl Fn(&[Tensor]) -> Tensor,
+    composed: impl Fn(&[Tensor]) -> Tensor,
+    tol: f32,
+) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let (a, b) = (ours(&ts), composed(&ts));
+    let d = max_abs_diff(&a, &b);
+    assert!(d < tol, "{name}: values differ by {d}");
+    let ga = probe(&a, 99).backward().unwrap();
+    let gb = probe(&b, 99).backward().unwrap();
+    for (i, v) in vars.iter().enumerate() {
+        let (x, y) = (ga.get(v).unwrap(), gb.get(v).unwrap());
+        let scale = y
+            .abs()
+            .unwrap()
+            .max_keepdim(0)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        let scale = scale.max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0);
+        let d = max_abs_diff(x, y) / scale;
+        assert!(
+            d < tol,
+            "{name}: gradient of input {i} differs by {d} (relative)"
+        );
+    }
+}
+
+/// The mask the kernels draw, as a tensor of factors (0 or 1/(1-p)).
+fn mask_of(shape: &[usize], p: f32, seed: u64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let scale = 1.0 / (1.0 - p);
+    let v: Vec<f32> = (0..n as u64)
+        .map(|i| reference::keep_scale(seed, i, p, scale))
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn dropout_drops_at_the_rate_and_its_gradient_reuses_the_mask() {
+    let x = randn(&[64, 257], 1);
+    let (p, seed) = (0.1f32, 12345);
+    check(
+        "dropout",
+        std::slice::from_ref(&x),
+        |t| cuda::dropout(&t[0], p, seed).unwrap(),
+        |t| (&t[0] * mask_of(&[64, 257], p, seed)).unwrap(),
+        1e-6,
+    );
+    let m = mask_of(&[64, 257], p, seed)
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let dropped = m.iter().filter(|&&v| v == 0.0).count() as f64 / m.len() as f64;
+    assert!((dropped - 0.1).abs() < 0.01, "dropped {dropped}");
+    // Another seed, another mask.
+    let other = mask_of(&[64, 257], p, seed + 1);
+    assert!(max_abs_diff(&other, &mask_of(&[64, 257], p, seed)) > 0.0);
+}
+
+#[test]
+fn softmax_matches_the_composed_softmax() {
+    check(
+        "softmax",
+        &[randn(&[3, 5, 77], 2)],
+        |t| cuda::softmax_last_dim(&t[0]).unwrap(),
+        |t| softmax_last_dim(&t[0]).unwrap(),
+        1e-5,
+    );
+}
+
+#[test]
+fn layer_norm_matches_the_composed_layer_norm() {
+    let w = randn(&[96], 4).affine(0.2, 1.0).unwrap();
+    check(
+        "layer norm",
+        &[randn(&[2, 7, 96], 3), w, randn(&[96], 5)],
+        |t| cuda::layer_norm(&t[0], &t[1], &t[2], 1e-12).unwrap(),
+        |t| {
+            let ln = LayerNorm {
+                weight: t[1].clone(),
+                bias: t[2].clone(),
+                eps: 1e-12,
+            };
+            ln.forward(&t[0]).unwrap()
+        },
+        2e-5,
+    );
+}
+
+#[test]
+fn dense_layer_matches_the_composed_layer() {
+    let acts = [
+        None,
+        Some(Activation::GeluErf),
+        Some(Activation::GeluTanh),
+        Some(Activation::Relu),
+    ];
+    for act in acts {
+        for drop in [None, Some((0.1f32, 777u64))] {
+            let name = format!("dense {act:?} dropout {drop:?}");
+            check(
+                &name,
+                &[
+                    randn(&[2, 9, 48], 6),
+                    (randn(&[80, 48], 7) * 0.1).unwrap(),
+                    randn(&[80], 8),
+                ],
+                |t| cuda::linear(&t[0], &t[1], &t[2], act, drop, DType::F32).unwrap(),
+                |t| {
+                    let y = t[0]
+                        .broadcast_matmul(&t[1].t().unwrap())
+                        .unwrap()
+                        .broadcast_add(&t[2])
+                        .unwrap();
+                    let y = match act {
+                        None => y,
+                        Some(Activation::GeluErf) => y.gelu_erf().unwrap(),
+                        Some(Activation::GeluTanh) => y.gelu().unwrap(),
+                        Some(Activation::Relu) => y.relu().unwrap(),
+                    };
+                    match drop {
+                        Some((p, seed)) => (y * mask_of(&[2, 9, 80], p, seed)).unwrap(),
+                        None => y,
+                    }
+                },
+                2e-5,
+            );
+        }
+    }
+}
+
+#[test]
+fn dense_layer_in_bf16_stays_close_to_f32() {
+    let inputs = [
+        randn(&[4, 8, 64], 9),
+        (randn(&[32, 64], 10) * 0.1).unwrap(),
+        randn(&[32], 11),
+    ];
+    let act = Some(Activation::GeluErf);
+    check(
+        "dense bf16",
+        &inputs,
+        |t| cuda::linear(&t[0], &t[1], &t[2], act, None, DType::BF16).unwrap(),
+        |t| cuda::linear(&t[0], &t[1], &t[2], act, None, DType::F32).unwrap(),
+        5e-2,
+    );
+}
+
+#[test]
+fn attention_matches_the_composed_attention() {
+    let (b, s, h, nh) = (2usize, 6usize, 32usize, 4usize);
+    // The second sequence has two padding positions.
+    let keep: Vec<f32> = (0..b * s)
+        .map(|i| if i >= 2 * s - 2 { 0.0 } else { 1.0 })
+        .collect();
+    let keep = Tensor::from_vec(keep, (b, s), &Device::Cpu).unwrap();
+    let mask = ((1.0 - keep).unwrap() * f32::MIN as f64)
+        .unwrap()
+        .reshape((b, 1, 1, s))
+        .unwrap();
+    for drop in [None, Some((0.2f32, 4242u64))] {
+        let qkv = [
+            randn(&[b, s, h], 12),
+            randn(&[b, s, h], 13),
+            randn(&[b, s, h], 14),
+        ];
+        check(
+            &format!("attention dropout {drop:?}"),
+            &qkv,
+            |t| cuda::attention(&t[0], &t[1], &t[2], nh, Some(&mask), drop, DType::F32).unwrap(),
+            |t| {
+                let heads = |x: &Tensor| {
+                    x.reshape((b, s, nh, h / nh))
+                        .unwrap()
+                        .transpose(1, 2)
+                        .unwrap()
+                        .contiguous()
+                        .unwrap()
+                };
+                let (q, k, v) = (heads(&t[0]), heads(&t[1]), heads(&t[2]));
+                let scores = (q.matmul(&k.t().unwrap()).unwrap() / ((h / nh) as f64).sqrt())
+                    .unwrap()
+                    .broadcast_add(&mask)
+                    .unwrap();
+                let probs = softmax_last_dim(&scores).unwrap();
+                let probs = match drop {
+                    Some((p, seed)) => (probs * mask_of(&[b, nh, s, s], p, seed)).unwrap(),
+                    None => probs,
+                };
+                probs
+                    .matmul(&v)
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+                    .reshape((b, s, h))
+                    .unwrap()
+            },
+            2e-5,
+        );
+    }
+}
+
+#[test]
+fn ops_report_shape_errors() {
+    let x = randn(&[2, 3, 8], 15);
+    let e = cuda::linear(
+        &x,
+        &randn(&[4, 7], 16),
+        &randn(&[4], 17),
+        None,
+        None,
+        DType::F32,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("disagree"), "{e}");
+    let e = cuda::attention(&x, &x, &x, 3, None, None, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("3 heads"), "{e}");
+}
