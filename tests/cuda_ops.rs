@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use distil::model::cuda::{self, reference};
-use distil::model::ops::{softmax_last_dim, LayerNorm};
+use distil::model::ops::{log_softmax_last_dim, softmax_last_dim, LayerNorm};
 use distil::model::Activation;
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
@@ -256,6 +256,50 @@ fn attention_matches_the_composed_attention() {
             2e-5,
         );
     }
+}
+
+#[test]
+fn soft_target_kl_matches_the_composed_loss() {
+    let t = 2.0;
+    let p = softmax_last_dim(&(randn(&[7, 50], 19) / t).unwrap()).unwrap();
+    let p2 = p.clone();
+    check(
+        "soft KL",
+        &[randn(&[7, 50], 18)],
+        |x| cuda::soft_kl(&x[0], &p, t).unwrap(),
+        |x| {
+            let log_q = log_softmax_last_dim(&(&x[0] / t).unwrap()).unwrap();
+            let log_p = p2.clamp(1e-30, 1.0).unwrap().log().unwrap();
+            let kl = (&p2 * (log_p - log_q).unwrap()).unwrap().sum_all().unwrap();
+            (kl * (t * t / 7.0)).unwrap()
+        },
+        2e-5,
+    );
+    let teacher = randn(&[7, 50], 19);
+    let d = max_abs_diff(&cuda::softmax_no_grad(&teacher, 1.0 / t).unwrap(), &p);
+    assert!(d < 1e-6, "teacher softmax differs by {d}");
+}
+
+#[test]
+fn cross_entropy_matches_the_composed_loss() {
+    let targets = Tensor::new(&[3u32, 0, 49, 17, 17, 8, 30], &Device::Cpu).unwrap();
+    let t2 = targets.clone();
+    check(
+        "cross-entropy",
+        &[randn(&[7, 50], 20)],
+        |x| cuda::cross_entropy(&x[0], &targets).unwrap(),
+        |x| {
+            let logp = log_softmax_last_dim(&x[0]).unwrap();
+            let picked = logp.gather(&t2.unsqueeze(1).unwrap(), 1).unwrap();
+            (picked.sum_all().unwrap().neg().unwrap() / 7.0).unwrap()
+        },
+        2e-5,
+    );
+    let bad = Tensor::new(&[3u32, 0, 50, 17, 17, 8, 30], &Device::Cpu).unwrap();
+    let e = cuda::cross_entropy(&randn(&[7, 50], 20), &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("target 50 outside 0..50"), "{e}");
 }
 
 #[test]

@@ -22,7 +22,9 @@
 #      batch of BATCHES, default "32 256" x 128), f32 and bf16, each run under a timeout of
 #      STEP_TIMEOUT seconds (default 240): tokens/s and MFU of `distil bench-step` beside
 #      benches/torch_step.py --mode distill on the same GPU, eager and (unless --quick)
-#      torch.compile. MFU is against the GPU's nominal dense peak (PEAK_BF16 / PEAK_FP32
+#      torch.compile at the largest batch, for the dtypes in COMPILE (default "f32 bf16"),
+#      and distil again with candle's composed ops (`bench-step --composed`) for what the
+#      CUDA kernels give. MFU is against the GPU's nominal dense peak (PEAK_BF16 / PEAK_FP32
 #      TFLOP/s, known for H100 / H200 / A100). Reported, not pass/fail.
 #
 # Everything is logged under OUT (default target-cuda/gpu-checks); summary.md collects the
@@ -46,6 +48,7 @@ BIN=${DISTIL_BIN:-target-cuda/real/distil-gpu}
 OUT=${OUT:-target-cuda/gpu-checks}
 BATCHES=${BATCHES:-${BATCH:-32 256}}
 STEP_TIMEOUT=${STEP_TIMEOUT:-240}
+COMPILE=${COMPILE:-f32 bf16}
 SEQ=${SEQ:-128}
 DEVICE=${DEVICE:-cuda:0}
 BENCH_SHAPE=${BENCH_SHAPE:-base}
@@ -180,7 +183,7 @@ for bs in $BATCHES; do
     timeout "$STEP_TIMEOUT" "$PY" benches/torch_step.py --shape "$BENCH_SHAPE" --mode distill --device "$DEVICE" --dtype "$tdt" \
       --batch "$bs" --seq "$SEQ" --iters 10 --warmup 3 --peak --peak-size "$PEAK_SIZE" \
       > "$B/torch-$tag.json" 2> "$B/torch-$tag.err" || echo "torch_step.py $tag failed: $(tail -3 "$B/torch-$tag.err")"
-    if [ "$QUICK" = 0 ]; then
+    if [ "$QUICK" = 0 ] && [ "$bs" = "${BATCHES##* }" ] && [[ " $COMPILE " == *" $dt "* ]]; then
       timeout "$STEP_TIMEOUT" "$PY" benches/torch_step.py --shape "$BENCH_SHAPE" --mode distill --device "$DEVICE" --dtype "$tdt" \
         --batch "$bs" --seq "$SEQ" --iters 10 --warmup 3 --compile \
         > "$B/torch-compile-$tag.json" 2> "$B/torch-compile-$tag.err" \

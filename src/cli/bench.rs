@@ -70,7 +70,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub parts: bool,
     /// Run the encoders and AdamW as candle's composed ops, without distil's fused kernels
-    /// (on a GPU: the CUDA kernels of `model::cuda`), for comparison.
+    /// (on a GPU: the CUDA kernels of `model::cuda`; the losses keep theirs), for comparison.
     #[arg(long)]
     pub composed: bool,
 }

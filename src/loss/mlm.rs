@@ -46,6 +46,9 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             .to_vec1::<u32>()?;
         return crate::model::fused::losses::cross_entropy(logits, &t);
     }
+    if crate::model::cuda::applies(logits) {
+        return crate::model::cuda::cross_entropy(logits, targets);
+    }
     let logp = log_softmax_last_dim(logits)?;
     let picked = logp.gather(&targets.unsqueeze(1)?, D::Minus1)?;
     Ok((picked.sum_all()?.neg()? / n as f64)?)

@@ -10,6 +10,9 @@ pub fn teacher_probs(teacher_logits: &Tensor, t: f64) -> Result<Tensor> {
     if crate::model::fused::enabled_for(teacher_logits) {
         return crate::model::fused::losses::softmax_no_grad(teacher_logits, t);
     }
+    if crate::model::cuda::applies(teacher_logits) {
+        return crate::model::cuda::softmax_no_grad(teacher_logits, 1.0 / t);
+    }
     softmax_last_dim(&(teacher_logits.detach() / t)?)
 }
 
@@ -24,6 +27,9 @@ pub fn soft_kl(student_logits: &Tensor, teacher_p: &Tensor, t: f64) -> Result<Te
         && crate::model::fused::enabled_for(teacher_p)
     {
         return crate::model::fused::losses::soft_kl(student_logits, teacher_p, t);
+    }
+    if crate::model::cuda::applies(student_logits) && crate::model::cuda::applies(teacher_p) {
+        return crate::model::cuda::soft_kl(student_logits, teacher_p, t);
     }
     let log_q = log_softmax_last_dim(&(student_logits / t)?)?;
     // p log p, with 0 log 0 = 0.

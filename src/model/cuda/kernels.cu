@@ -243,6 +243,69 @@ extern "C" __global__ void distil_colsum(const float* x, float* partial, u64 row
     partial[chunk * cols + c] = s;
 }
 
+// log-sum-exp of x * scale over a row, in every lane.
+__device__ __forceinline__ float row_lse(const float* xr, u64 cols, unsigned lane, float scale) {
+    float m = __int_as_float(0xff800000);
+    for (u64 j = lane; j < cols; j += 32) m = fmaxf(m, xr[j] * scale);
+    m = warp_max(m);
+    float z = 0.0f;
+    for (u64 j = lane; j < cols; j += 32) z += expf(xr[j] * scale - m);
+    return m + logf(warp_sum(z));
+}
+
+// Soft-target KL per row: out[row] = sum_j p_j (log max(p_j, 1e-30) - log q_j), where
+// q = softmax(s * inv_t) and p the teacher's probabilities.
+extern "C" __global__ void distil_soft_kl(const float* s, const float* p, float* out, u64 rows,
+                                          u64 cols, float inv_t) {
+    ROW_OR_RETURN
+    const float* sr = s + row * cols;
+    const float* pr = p + row * cols;
+    const float lse = row_lse(sr, cols, lane, inv_t);
+    float acc = 0.0f;
+    for (u64 j = lane; j < cols; j += 32)
+        acc += pr[j] * (logf(fmaxf(pr[j], 1e-30f)) - (sr[j] * inv_t - lse));
+    acc = warp_sum(acc);
+    if (lane == 0) out[row] = acc;
+}
+
+// Its gradient to the student's logits: ds_j = g_row (q_j sum_k p_k - p_j) inv_t.
+extern "C" __global__ void distil_soft_kl_bwd(const float* s, const float* p, const float* g,
+                                              float* ds, u64 rows, u64 cols, float inv_t) {
+    ROW_OR_RETURN
+    const float* sr = s + row * cols;
+    const float* pr = p + row * cols;
+    float* dr = ds + row * cols;
+    const float lse = row_lse(sr, cols, lane, inv_t);
+    float psum = 0.0f;
+    for (u64 j = lane; j < cols; j += 32) psum += pr[j];
+    psum = warp_sum(psum);
+    const float gr = g[row] * inv_t;
+    for (u64 j = lane; j < cols; j += 32) dr[j] = gr * (expf(sr[j] * inv_t - lse) * psum - pr[j]);
+}
+
+// Cross-entropy per row: out[row] = lse(x) - x[target], targets given as floats.
+extern "C" __global__ void distil_cross_entropy(const float* x, const float* target, float* out,
+                                                u64 rows, u64 cols) {
+    ROW_OR_RETURN
+    const float* xr = x + row * cols;
+    const float lse = row_lse(xr, cols, lane, 1.0f);
+    const u64 t = (u64)target[row];
+    if (lane == 0) out[row] = t < cols ? lse - xr[t] : __int_as_float(0x7fc00000);
+}
+
+// Its gradient: dx_j = g_row (softmax_j - [j == target]).
+extern "C" __global__ void distil_cross_entropy_bwd(const float* x, const float* target,
+                                                    const float* g, float* dx, u64 rows,
+                                                    u64 cols) {
+    ROW_OR_RETURN
+    const float* xr = x + row * cols;
+    float* dr = dx + row * cols;
+    const float lse = row_lse(xr, cols, lane, 1.0f);
+    const u64 t = (u64)target[row];
+    const float gr = g[row];
+    for (u64 j = lane; j < cols; j += 32) dr[j] = gr * (expf(xr[j] - lse) - (j == t ? 1.0f : 0.0f));
+}
+
 // One AdamW step in place, as the CPU update (src/train/optim.rs) computes it.
 extern "C" __global__ void distil_adamw(float* p, const float* g, float* m, float* v, u64 n,
                                         float step_size, float beta1, float beta2, float eps,

@@ -2,7 +2,8 @@
 //! as many small kernels (or, for layer norm and softmax, as fused kernels with no backward):
 //! the dense layer (cuBLAS product, then bias, activation and dropout in one pass),
 //! multi-head attention (cuBLAS products around one softmax kernel with the scale and the
-//! padding mask folded in), dropout, softmax, layer normalisation, and the AdamW update.
+//! padding mask folded in), dropout, softmax, layer normalisation, the soft-target and
+//! cross-entropy losses over the vocabulary, and the AdamW update.
 //!
 //! Each is one node of candle's graph. That matters beyond the kernel count: candle's
 //! backward gives every node input a zero-filled gradient buffer and adds into it, so a dense
@@ -50,6 +51,37 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
         scale: 1.0,
     };
     Ok(x.contiguous()?.apply_op1(op)?)
+}
+
+/// `softmax(x · scale)` over the last dimension, outside the graph (the teacher's
+/// probabilities at temperature `1 / scale`).
+pub fn softmax_no_grad(x: &Tensor, scale: f64) -> Result<Tensor> {
+    let op = ops::Softmax {
+        mask: None,
+        scale: scale as f32,
+    };
+    Ok(x.detach().contiguous()?.apply_op1_no_bwd(&op)?)
+}
+
+/// The soft-target loss `Σ p (ln p − ln softmax(s/T)) / rows · T²` for student logits
+/// `[rows, vocab]` and teacher probabilities at temperature `t` (no gradient to them).
+pub fn soft_kl(student_logits: &Tensor, teacher_p: &Tensor, t: f64) -> Result<Tensor> {
+    let rows = student_logits.dim(0)?;
+    let op = ops::SoftKl {
+        inv_t: (1.0 / t) as f32,
+    };
+    let per_row = student_logits
+        .contiguous()?
+        .apply_op2(&teacher_p.detach().contiguous()?, op)?;
+    Ok((per_row.sum_all()? * (t * t / rows as f64))?)
+}
+
+/// Mean cross-entropy of `logits [rows, vocab]` against integer `targets [rows]`.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let rows = targets.dim(0)?;
+    let t = targets.to_dtype(DType::F32)?.contiguous()?;
+    let per_row = logits.contiguous()?.apply_op2(&t, ops::CrossEntropy)?;
+    Ok((per_row.sum_all()? / rows as f64)?)
 }
 
 /// Layer normalisation over the last dimension: `(x - mean) / sqrt(var + eps) · w + b`.

@@ -203,3 +203,64 @@ pub fn colsum(x: &[f32], cols: usize) -> Vec<f32> {
     }
     s
 }
+
+/// `max + ln Σ exp(x · scale - max)` of a row.
+fn lse(xr: &[f32], scale: f32) -> f32 {
+    let m = xr
+        .iter()
+        .map(|&v| v * scale)
+        .fold(f32::NEG_INFINITY, f32::max);
+    m + xr.iter().map(|&v| (v * scale - m).exp()).sum::<f32>().ln()
+}
+
+/// Per row: `Σ p (ln max(p, 1e-30) - ln softmax(s · inv_t))`.
+pub fn soft_kl(s: &[f32], p: &[f32], cols: usize, inv_t: f32) -> Vec<f32> {
+    s.chunks(cols)
+        .zip(p.chunks(cols))
+        .map(|(sr, pr)| {
+            let l = lse(sr, inv_t);
+            sr.iter()
+                .zip(pr)
+                .map(|(&sv, &pv)| pv * (pv.max(1e-30).ln() - (sv * inv_t - l)))
+                .sum()
+        })
+        .collect()
+}
+
+/// `g_row · (q · Σ p - p) · inv_t`.
+pub fn soft_kl_bwd(s: &[f32], p: &[f32], g: &[f32], cols: usize, inv_t: f32) -> Vec<f32> {
+    let mut ds = vec![0f32; s.len()];
+    for (((sr, pr), dr), &gv) in s
+        .chunks(cols)
+        .zip(p.chunks(cols))
+        .zip(ds.chunks_mut(cols))
+        .zip(g)
+    {
+        let l = lse(sr, inv_t);
+        let psum: f32 = pr.iter().sum();
+        for ((d, &sv), &pv) in dr.iter_mut().zip(sr).zip(pr) {
+            *d = gv * inv_t * ((sv * inv_t - l).exp() * psum - pv);
+        }
+    }
+    ds
+}
+
+/// Per row: `lse(x) - x[target]`.
+pub fn cross_entropy(x: &[f32], targets: &[f32], cols: usize) -> Vec<f32> {
+    x.chunks(cols)
+        .zip(targets)
+        .map(|(xr, &t)| lse(xr, 1.0) - xr[t as usize])
+        .collect()
+}
+
+/// `g_row · (softmax - onehot(target))`.
+pub fn cross_entropy_bwd(x: &[f32], targets: &[f32], g: &[f32], cols: usize) -> Vec<f32> {
+    let mut dx = vec![0f32; x.len()];
+    for (((xr, dr), &t), &gv) in x.chunks(cols).zip(dx.chunks_mut(cols)).zip(targets).zip(g) {
+        let l = lse(xr, 1.0);
+        for (j, (d, &xv)) in dr.iter_mut().zip(xr).enumerate() {
+            *d = gv * ((xv - l).exp() - if j == t as usize { 1.0 } else { 0.0 });
+        }
+    }
+    dx
+}
