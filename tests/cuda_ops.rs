@@ -3,7 +3,10 @@
 //! the ops' shapes, argument order and backward passes are checked on any machine. On a GPU,
 //! `distil parity --device cuda` checks the encoder built on them against transformers.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
+use common::max_abs_diff;
 use distil::model::cuda::{self, reference};
 use distil::model::ops::{log_softmax_last_dim, softmax_last_dim, LayerNorm};
 use distil::model::Activation;
@@ -23,20 +26,6 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
         .map(|_| (next() + next() + next() + next() - 2.0) * 1.7)
         .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// `Σ y · r` for a fixed random `r`: a loss whose gradient at `y` is `r`.

@@ -67,8 +67,8 @@ pub fn softmax_no_grad(x: &Tensor, scale: f64) -> Result<Tensor> {
 /// `[rows, vocab]` and teacher probabilities at temperature `t` (no gradient to them).
 pub fn soft_kl(student_logits: &Tensor, teacher_p: &Tensor, t: f64) -> Result<Tensor> {
     let rows = student_logits.dim(0)?;
-    let op = ops::SoftKl {
-        inv_t: (1.0 / t) as f32,
+    let op = ops::RowLoss {
+        kl: Some((1.0 / t) as f32),
     };
     let per_row = student_logits
         .contiguous()?
@@ -80,7 +80,9 @@ pub fn soft_kl(student_logits: &Tensor, teacher_p: &Tensor, t: f64) -> Result<Te
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let rows = targets.dim(0)?;
     let t = targets.to_dtype(DType::F32)?.contiguous()?;
-    let per_row = logits.contiguous()?.apply_op2(&t, ops::CrossEntropy)?;
+    let per_row = logits
+        .contiguous()?
+        .apply_op2(&t, ops::RowLoss { kl: None })?;
     Ok((per_row.sum_all()? / rows as f64)?)
 }
 

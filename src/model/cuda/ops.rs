@@ -683,150 +683,120 @@ impl CustomOp1 for ColSum {
 
 // ---- losses ----------------------------------------------------------------------------
 
-/// `(student logits, teacher probabilities) -> [rows]`: each row's soft-target KL at
-/// temperature `1 / inv_t` (the teacher's side gets no gradient).
-pub struct SoftKl {
-    pub inv_t: f32,
+/// `(x, other) -> [rows]`: each row's loss over the vocabulary. With `kl: Some(inv_t)`, the
+/// soft-target KL of student logits `x` against teacher probabilities `other` `[rows, vocab]`
+/// at temperature `1 / inv_t`; with `None`, the cross-entropy of logits `x` against targets
+/// `other` `[rows]` given as floats (an out-of-range target gives NaN on the GPU). `other` gets
+/// no gradient.
+pub struct RowLoss {
+    pub kl: Option<f32>,
 }
 
-/// `(logits, targets as f32) -> [rows]`: each row's cross-entropy (the targets get no
-/// gradient; an out-of-range target gives NaN on the GPU).
-pub struct CrossEntropy;
-
-/// The row-loss ops' backward: `(x, other, g_rows) -> dx`.
-struct RowLossBwd {
-    kl: Option<f32>,
-    g: Tensor,
-}
-
-fn check_pair(name: &str, al: &Layout, bl: &Layout, kl: bool) -> Res<(usize, usize)> {
-    let (rows, cols) = rows_cols(al)?;
-    let want = if kl { rows * cols } else { rows };
-    if bl.shape().elem_count() != want {
-        return Err(msg(format!(
-            "{name}: {:?} against {:?}",
-            al.dims(),
-            bl.dims()
-        )));
+impl RowLoss {
+    /// `(rows, vocab)`, with `other`'s size checked.
+    fn check(&self, xl: &Layout, ol: &Layout) -> Res<(usize, usize)> {
+        let (rows, cols) = rows_cols(xl)?;
+        let want = if self.kl.is_some() { rows * cols } else { rows };
+        if ol.shape().elem_count() != want {
+            return Err(msg(format!(
+                "{}: {:?} against {:?}",
+                self.name(),
+                xl.dims(),
+                ol.dims()
+            )));
+        }
+        Ok((rows, cols))
     }
-    Ok((rows, cols))
 }
 
-impl CustomOp2 for SoftKl {
+impl CustomOp2 for RowLoss {
     fn name(&self) -> &'static str {
-        "cuda-soft-kl"
-    }
-    fn cpu_fwd(
-        &self,
-        ss: &CpuStorage,
-        sl: &Layout,
-        ps: &CpuStorage,
-        pl: &Layout,
-    ) -> Res<(CpuStorage, Shape)> {
-        let (rows, cols) = check_pair(self.name(), sl, pl, true)?;
-        let (s, p) = (
-            cpu_slice(ss, sl, self.name())?,
-            cpu_slice(ps, pl, self.name())?,
-        );
-        Ok((
-            cpu_out(r::soft_kl(s, p, cols, self.inv_t)),
-            Shape::from(rows),
-        ))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        ss: &CudaStorage,
-        sl: &Layout,
-        ps: &CudaStorage,
-        pl: &Layout,
-    ) -> CResult<(CudaStorage, Shape)> {
-        let dev = ss.device();
-        let (rows, cols) = check_pair(self.name(), sl, pl, true)?;
-        let (s, p) = (view(ss, sl, self.name())?, view(ps, pl, self.name())?);
-        let o = out(dev, rows)?;
-        launch!(
-            dev,
-            "distil_soft_kl",
-            row_grid(rows)?,
-            [&s, &p, &o],
-            [rows as u64, cols as u64, self.inv_t]
-        );
-        Ok(wrap(o, dev, Shape::from(rows)))
-    }
-    fn bwd(
-        &self,
-        s: &Tensor,
-        p: &Tensor,
-        _: &Tensor,
-        g: &Tensor,
-    ) -> Res<(Option<Tensor>, Option<Tensor>)> {
-        let op = RowLossBwd {
-            kl: Some(self.inv_t),
-            g: g.contiguous()?,
-        };
-        Ok((Some(s.apply_op2_no_bwd(p, &op)?), None))
-    }
-}
-
-impl CustomOp2 for CrossEntropy {
-    fn name(&self) -> &'static str {
-        "cuda-cross-entropy"
+        if self.kl.is_some() {
+            "cuda-soft-kl"
+        } else {
+            "cuda-cross-entropy"
+        }
     }
     fn cpu_fwd(
         &self,
         xs: &CpuStorage,
         xl: &Layout,
-        ts: &CpuStorage,
-        tl: &Layout,
+        os: &CpuStorage,
+        ol: &Layout,
     ) -> Res<(CpuStorage, Shape)> {
-        let (rows, cols) = check_pair(self.name(), xl, tl, false)?;
-        let (x, t) = (
+        let (rows, cols) = self.check(xl, ol)?;
+        let (x, o) = (
             cpu_slice(xs, xl, self.name())?,
-            cpu_slice(ts, tl, self.name())?,
+            cpu_slice(os, ol, self.name())?,
         );
-        if let Some(bad) = t.iter().find(|&&v| v < 0.0 || v as usize >= cols) {
-            return Err(msg(format!(
-                "{}: target {bad} outside 0..{cols}",
-                self.name()
-            )));
-        }
-        Ok((cpu_out(r::cross_entropy(x, t, cols)), Shape::from(rows)))
+        let loss = match self.kl {
+            Some(inv_t) => r::soft_kl(x, o, cols, inv_t),
+            None => {
+                if let Some(bad) = o.iter().find(|&&v| v < 0.0 || v as usize >= cols) {
+                    return Err(msg(format!(
+                        "{}: target {bad} outside 0..{cols}",
+                        self.name()
+                    )));
+                }
+                r::cross_entropy(x, o, cols)
+            }
+        };
+        Ok((cpu_out(loss), Shape::from(rows)))
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
         xs: &CudaStorage,
         xl: &Layout,
-        ts: &CudaStorage,
-        tl: &Layout,
+        os: &CudaStorage,
+        ol: &Layout,
     ) -> CResult<(CudaStorage, Shape)> {
         let dev = xs.device();
-        let (rows, cols) = check_pair(self.name(), xl, tl, false)?;
-        let (x, t) = (view(xs, xl, self.name())?, view(ts, tl, self.name())?);
-        let o = out(dev, rows)?;
-        launch!(
-            dev,
-            "distil_cross_entropy",
-            row_grid(rows)?,
-            [&x, &t, &o],
-            [rows as u64, cols as u64]
-        );
-        Ok(wrap(o, dev, Shape::from(rows)))
+        let (rows, cols) = self.check(xl, ol)?;
+        let (x, o) = (view(xs, xl, self.name())?, view(os, ol, self.name())?);
+        let loss = out(dev, rows)?;
+        let grid = row_grid(rows)?;
+        match self.kl {
+            Some(inv_t) => {
+                launch!(
+                    dev,
+                    "distil_soft_kl",
+                    grid,
+                    [&x, &o, &loss],
+                    [rows as u64, cols as u64, inv_t]
+                );
+            }
+            None => {
+                launch!(
+                    dev,
+                    "distil_cross_entropy",
+                    grid,
+                    [&x, &o, &loss],
+                    [rows as u64, cols as u64]
+                );
+            }
+        }
+        Ok(wrap(loss, dev, Shape::from(rows)))
     }
     fn bwd(
         &self,
         x: &Tensor,
-        t: &Tensor,
+        o: &Tensor,
         _: &Tensor,
         g: &Tensor,
     ) -> Res<(Option<Tensor>, Option<Tensor>)> {
         let op = RowLossBwd {
-            kl: None,
+            kl: self.kl,
             g: g.contiguous()?,
         };
-        Ok((Some(x.apply_op2_no_bwd(t, &op)?), None))
+        Ok((Some(x.apply_op2_no_bwd(o, &op)?), None))
     }
+}
+
+/// [`RowLoss`]'s backward: `(x, other) -> dx` for the rows' upstream gradients `g`.
+struct RowLossBwd {
+    kl: Option<f32>,
+    g: Tensor,
 }
 
 impl CustomOp2 for RowLossBwd {
