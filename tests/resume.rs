@@ -124,6 +124,39 @@ fn killed_inside_a_checkpoint_then_resumed_equals_uninterrupted() {
 }
 
 #[test]
+fn resuming_a_finished_run_evaluates_its_final_model_without_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("done");
+    // 10 steps: the last periodic checkpoint is step 8, two steps short of the final model.
+    let r = recipe(tmp.path(), &out, 10);
+    let o = distil(&["run", r.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let before = weights(&out);
+    let eval_before = std::fs::read_to_string(out.join("eval_results.json")).unwrap();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_distil"));
+    let o = c
+        .args(["run", r.to_str().unwrap(), "--resume"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("holds the finished run (step 10 of 10)"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("resuming from"),
+        "it went back to a checkpoint: {err}"
+    );
+    assert_eq!(weights(&out), before, "the final model changed");
+    assert_eq!(
+        std::fs::read_to_string(out.join("eval_results.json")).unwrap(),
+        eval_before
+    );
+    assert_eq!(metrics_steps(&out), (1..=10).collect::<Vec<_>>());
+}
+
+#[test]
 fn sigterm_writes_a_checkpoint_and_resume_finishes_identically() {
     let tmp = tempfile::tempdir().unwrap();
     let full = tmp.path().join("full");

@@ -135,7 +135,18 @@ impl Trainer<'_> {
             skipped_overflow_steps: 0,
         };
         if resume {
-            if let Some((step, dir)) = run_dir.latest()? {
+            if let Some(done) = finished_state(&run_dir.root, total)? {
+                // The run was finished: its final model, not its last periodic checkpoint.
+                self.load_weights(&run_dir.root)?;
+                state = done;
+                if self.verbose && main {
+                    eprintln!(
+                        "--resume: {} holds the finished run (step {} of {total}); evaluating its final model",
+                        run_dir.root.display(),
+                        state.step
+                    );
+                }
+            } else if let Some((step, dir)) = run_dir.latest()? {
                 state = self.restore(&dir, &vars, &mut opt)?;
                 state.total_steps = total;
                 if self.verbose && main {
@@ -381,8 +392,14 @@ impl Trainer<'_> {
                 _ => None,
             };
             if main {
-                // The final model, in Hugging Face layout, at the top of the output directory.
+                // The final model, in Hugging Face layout, at the top of the output directory,
+                // and the final trainer state beside it (as transformers' Trainer writes it),
+                // by which `--resume` knows the run is finished.
                 self.save_model(&run_dir.root)?;
+                atomic_write(
+                    &run_dir.root.join(STATE_FILE),
+                    serde_json::to_string_pretty(&state)?.as_bytes(),
+                )?;
                 if let Some(r) = &final_eval {
                     atomic_write(
                         &run_dir.root.join("eval_results.json"),
@@ -485,23 +502,7 @@ impl Trainer<'_> {
         opt: &mut AdamW,
     ) -> Result<TrainerState> {
         let state = read_state(dir)?;
-        let (saved, _) = crate::model::load_encoder(
-            dir,
-            &candle_core::Device::Cpu,
-            &crate::model::LoadOptions {
-                trainable: false,
-                want_mlm_head: self.model.has_mlm_head(),
-                ..Default::default()
-            },
-        )
-        .with_context(|| format!("cannot load the checkpoint model in {}", dir.display()))?;
-        for (name, var) in self.model.params.vars() {
-            let t = saved
-                .params
-                .get(name)
-                .with_context(|| format!("checkpoint {} lacks parameter {name}", dir.display()))?;
-            var.set(&t.to_device(var.device())?)?;
-        }
+        self.load_weights(dir)?;
         let p = dir.join(OPTIMIZER_FILE);
         let st: BTreeMap<String, Tensor> =
             candle_core::safetensors::load(&p, &candle_core::Device::Cpu)
@@ -522,4 +523,36 @@ impl Trainer<'_> {
             .with_context(|| format!("{}: optimizer state does not fit the model", p.display()))?;
         Ok(state)
     }
+
+    /// Sets the model's parameters to those saved in `dir` (a checkpoint or a final model).
+    fn load_weights(&self, dir: &Path) -> Result<()> {
+        let (saved, _) = crate::model::load_encoder(
+            dir,
+            &candle_core::Device::Cpu,
+            &crate::model::LoadOptions {
+                trainable: false,
+                want_mlm_head: self.model.has_mlm_head(),
+                ..Default::default()
+            },
+        )
+        .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+        for (name, var) in self.model.params.vars() {
+            let t = saved
+                .params
+                .get(name)
+                .with_context(|| format!("{} lacks parameter {name}", dir.display()))?;
+            var.set(&t.to_device(var.device())?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The state of a finished run in `root`: its final trainer state, when it reached `total`
+/// steps and its final model is there.
+fn finished_state(root: &Path, total: u64) -> Result<Option<TrainerState>> {
+    if !root.join(STATE_FILE).is_file() || !root.join("model.safetensors").is_file() {
+        return Ok(None);
+    }
+    let state = read_state(root)?;
+    Ok((state.step >= total).then_some(state))
 }
