@@ -13,7 +13,6 @@ use distil::recipe::{self, LoadedRecipe};
 use distil::train::distributed::{
     fetch_id, next_for_rank, serve_id, Dist, DistEnv, LocalGroup, ID_LEN,
 };
-use distil::train::objective::MlmObjective;
 use distil::train::run_dir::RunDir;
 use distil::train::setup;
 use distil::train::trainer::Trainer;
@@ -229,17 +228,7 @@ fn train(loaded: &LoadedRecipe, world: usize, resume: bool) -> BTreeMap<String, 
                 let data = setup::data(r, &tok).unwrap();
                 let model = setup::model(r, &tok, &Device::Cpu, false).unwrap();
                 let stop = AtomicBool::new(false);
-                let trainer = Trainer {
-                    model: &model,
-                    tok: &tok,
-                    train: &data.train,
-                    eval: None,
-                    args: &r.training,
-                    objective: &MlmObjective,
-                    save_layout: model.cfg.layout,
-                    stop: &stop,
-                    verbose: false,
-                };
+                let trainer = Trainer::mlm(&model, &tok, &data.train, None, &r.training, &stop);
                 let s = trainer.run_on(&run_dir, resume, &dist).unwrap();
                 assert_eq!(s.steps, r.training.max_steps.unwrap());
                 model.params.snapshot(DType::F32).unwrap()

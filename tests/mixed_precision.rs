@@ -11,7 +11,6 @@ use common::{fixture_dir, ids, load_io, max_abs, max_abs_diff};
 use distil::loss::{cross_entropy, masked_positions};
 use distil::model::{load_encoder, EncoderInput, ForwardOptions, LoadOptions};
 use distil::recipe;
-use distil::train::objective::MlmObjective;
 use distil::train::run_dir::{read_state, RunDir};
 use distil::train::setup;
 use distil::train::trainer::Trainer;
@@ -146,17 +145,7 @@ fn fp16_loss_scaling_skips_overflowing_steps() {
     let mut model = setup::model(&f32_recipe, &tok, &Device::Cpu, false).unwrap();
     model.set_compute_dtype(DType::F16);
     let stop = AtomicBool::new(false);
-    let trainer = Trainer {
-        model: &model,
-        tok: &tok,
-        train: &data.train,
-        eval: None,
-        args: &r.training,
-        objective: &MlmObjective,
-        save_layout: model.cfg.layout,
-        stop: &stop,
-        verbose: false,
-    };
+    let trainer = Trainer::mlm(&model, &tok, &data.train, None, &r.training, &stop);
     // Six steps at the initial scale (2^16): a model this small does not overflow.
     let s = trainer.run(&run_dir, false).unwrap();
     assert_eq!(s.steps, 6);

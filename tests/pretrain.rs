@@ -12,7 +12,6 @@
 
 use distil::recipe;
 use distil::train::batch::DeviceBatch;
-use distil::train::objective::MlmObjective;
 use distil::train::run_dir::RunDir;
 use distil::train::setup;
 use distil::train::trainer::Trainer;
@@ -79,17 +78,7 @@ training:
     let unigram_ppl = (nll / n as f64).exp();
 
     let stop = AtomicBool::new(false);
-    let trainer = Trainer {
-        model: &model,
-        tok: &tok,
-        train: &data.train,
-        eval: Some(eval),
-        args: &r.training,
-        objective: &MlmObjective,
-        save_layout: model.cfg.layout,
-        stop: &stop,
-        verbose: false,
-    };
+    let trainer = Trainer::mlm(&model, &tok, &data.train, Some(eval), &r.training, &stop);
     let summary = trainer.run(&run_dir, false).unwrap();
     let e = summary.final_eval.unwrap();
     println!(

@@ -3,7 +3,6 @@
 use crate::model::hub::{resolve_offline, Resolved};
 use crate::recipe::{self, LoadedRecipe, Task};
 use crate::train::distributed;
-use crate::train::objective::MlmObjective;
 use crate::train::run_dir::RunDir;
 use crate::train::setup;
 use crate::train::trainer::{RunSummary, Trainer};
@@ -107,15 +106,15 @@ fn pretrain(loaded: &LoadedRecipe, flags: &RunFlags, stop: &AtomicBool) -> Resul
         );
     }
     let trainer = Trainer {
-        model: &model,
-        tok: &tok,
-        train: &data.train,
-        eval: data.eval.as_ref(),
-        args: &r.training,
-        objective: &MlmObjective,
-        save_layout: model.cfg.layout,
-        stop,
         verbose,
+        ..Trainer::mlm(
+            &model,
+            &tok,
+            &data.train,
+            data.eval.as_ref(),
+            &r.training,
+            stop,
+        )
     };
     let summary = trainer.run_on(&run_dir, flags.resume, &dist)?;
     if verbose {

@@ -4,7 +4,7 @@ use super::batch::DeviceBatch;
 use super::distributed::{next_for_rank, Dist};
 use super::eval::{evaluate, EvalResult};
 use super::metrics::Metrics;
-use super::objective::{Objective, Progress};
+use super::objective::{MlmObjective, Objective, Progress};
 use super::optim::{clip_factor, global_norm, AdamW, AdamWConfig, LossScaler};
 use super::run_dir::{read_state, RunDir, TrainerState, OPTIMIZER_FILE, STATE_FILE};
 use super::schedule::Schedule;
@@ -36,6 +36,31 @@ pub struct Trainer<'a> {
     pub stop: &'a AtomicBool,
     /// Print progress (a bar on a terminal, log lines otherwise).
     pub verbose: bool,
+}
+
+impl<'a> Trainer<'a> {
+    /// Masked-LM pretraining (the `pretrain` task) of `model`, saved in its own layout, quiet
+    /// (set `verbose` for progress).
+    pub fn mlm(
+        model: &'a Encoder,
+        tok: &'a Tok,
+        train: &'a Batcher,
+        eval: Option<&'a Batcher>,
+        args: &'a TrainingArgs,
+        stop: &'a AtomicBool,
+    ) -> Self {
+        Trainer {
+            model,
+            tok,
+            train,
+            eval,
+            args,
+            objective: &MlmObjective,
+            save_layout: model.cfg.layout,
+            stop,
+            verbose: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
