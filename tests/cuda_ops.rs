@@ -309,4 +309,9 @@ fn ops_report_shape_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("3 heads"), "{e}");
+    let full = Tensor::zeros((2, 1, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    let e = cuda::attention(&x, &x, &x, 2, Some(&full), None, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("additive key mask"), "{e}");
 }

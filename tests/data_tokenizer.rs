@@ -7,6 +7,7 @@ mod data_common;
 use std::path::PathBuf;
 
 use distil::data::tokenizer::{BpeTrainOptions, WordBoundary, WordPieceTrainOptions};
+use distil::data::wordpiece_trainer::WordPieceVocabTrainer;
 use distil::data::{BertVocabOptions, Corpus, CorpusConfig, Tok};
 
 fn minilm(shared: &std::path::Path) -> PathBuf {
@@ -236,4 +237,83 @@ fn training_on_an_empty_corpus_fails_clearly() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("vocab_size"), "{e}");
+}
+
+fn trainer(vocab_size: usize, min_frequency: u64, limit: Option<usize>) -> WordPieceVocabTrainer {
+    WordPieceVocabTrainer::new(
+        vocab_size,
+        min_frequency,
+        limit,
+        vec!["[UNK]".into()],
+        "[UNK]",
+    )
+}
+
+#[test]
+fn wordpiece_trainer_merges_the_most_frequent_pair_and_breaks_ties_in_a_fixed_order() {
+    let mut t = trainer(100, 2, None);
+    for (w, n) in [("cd", 2), ("ab", 2), ("abab", 1), ("e", 1)] {
+        t.add_word(w, n);
+    }
+    // (a, ##b) is seen 3 times (twice in "ab", once at the start of "abab"): merged first.
+    // Then (c, ##d), twice; "abab"'s other pairs, (ab, ##a) and (##a, ##b), once each: below
+    // min_frequency.
+    let v = t.vocabulary();
+    assert_eq!(
+        v,
+        ["[UNK]", "a", "b", "c", "d", "e", "##a", "##b", "##d", "ab", "cd"]
+    );
+    // Equal counts: the pair of lower ids first, whatever order the words came in.
+    let mut t = trainer(100, 2, None);
+    for (w, n) in [("yz", 2), ("xy", 2)] {
+        t.add_word(w, n);
+    }
+    assert_eq!(
+        t.vocabulary(),
+        ["[UNK]", "x", "y", "z", "##y", "##z", "xy", "yz"]
+    );
+    // vocab_size stops it; min_frequency too.
+    let mut t = trainer(7, 2, None);
+    t.add_word("xy", 2);
+    t.add_word("yz", 2);
+    assert_eq!(t.vocabulary().len(), 7);
+    let mut t = trainer(100, 3, None);
+    t.add_word("xy", 2);
+    assert_eq!(t.vocabulary(), ["[UNK]", "x", "y", "##y"]);
+}
+
+#[test]
+fn wordpiece_trainer_limits_the_alphabet_to_the_most_frequent_characters() {
+    let mut t = trainer(100, 2, Some(2));
+    t.add_word("a", 5);
+    t.add_word("c", 3);
+    t.add_word("b", 3);
+    t.add_word("ad", 1);
+    // a (6 with "ad"), then b and c tied at 3: b by character; d (1) dropped.
+    assert_eq!(t.vocabulary(), ["[UNK]", "a", "b"]);
+}
+
+#[test]
+fn trained_wordpiece_vocabulary_is_the_same_in_every_process() {
+    // tokenizers' own trainer numbered pieces in a randomly seeded hash map's order and broke
+    // ties by those numbers: some processes got another vocabulary from the same corpus.
+    let tmp = tempfile::tempdir().unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let vocab = |i: usize| {
+        let out = tmp.path().join(format!("tk{i}"));
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_distil"))
+            .args(["tokenizer", "train", "--vocab-size", "3000", "--out"])
+            .arg(&out)
+            .arg("--data")
+            .arg(root.join("data/shakespeare"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(out.join("vocab.txt")).unwrap()
+    };
+    let first = vocab(0);
+    assert_eq!(first.lines().count(), 3000);
+    for i in 1..4 {
+        assert!(vocab(i) == first, "process {i} trained another vocabulary");
+    }
 }

@@ -15,6 +15,7 @@ pub mod error;
 pub mod masking;
 pub mod sequences;
 pub mod tokenizer;
+pub mod wordpiece_trainer;
 
 use std::path::PathBuf;
 use std::sync::Arc;

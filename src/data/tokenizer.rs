@@ -14,17 +14,18 @@ use serde::{Deserialize, Serialize};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
 use tokenizers::models::bpe::{BpeTrainer, BPE};
-use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainer};
+use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::models::{ModelWrapper, TrainerWrapper};
 use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::roberta::RobertaProcessing;
 use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::{AddedToken, Encoding, Model, Tokenizer};
+use tokenizers::{AddedToken, Encoding, Model, Tokenizer, Trainer};
 
 use super::corpus::Corpus;
 use super::error::{DataError, Result};
+use super::wordpiece_trainer::WordPieceVocabTrainer;
 
 /// Number of `[unusedN]` tokens between `[PAD]` and `[UNK]` in a freshly trained WordPiece
 /// vocabulary, so that `[UNK]`=100, `[CLS]`=101, `[SEP]`=102, `[MASK]`=103 as in bert-base.
@@ -308,21 +309,14 @@ impl Tok {
             .build()
             .map_err(|e| DataError::tokenizer(&name, e))?;
         let mut tk = bert_pipeline(wp, &opts.normalizer, &name)?;
-        let mut builder = WordPieceTrainer::builder()
-            .vocab_size(opts.vocab_size)
-            .min_frequency(opts.min_frequency)
-            .show_progress(opts.show_progress)
-            .continuing_subword_prefix("##".into())
-            .special_tokens(
-                specials
-                    .iter()
-                    .map(|s| AddedToken::from(s.clone(), true))
-                    .collect(),
-            );
-        if let Some(l) = opts.limit_alphabet {
-            builder = builder.limit_alphabet(l);
-        }
-        let mut trainer: TrainerWrapper = builder.build().into();
+        // Our own trainer: tokenizers' breaks ties in a random order (see wordpiece_trainer).
+        let mut trainer = WordPieceVocabTrainer::new(
+            opts.vocab_size,
+            opts.min_frequency,
+            opts.limit_alphabet,
+            specials.clone(),
+            "[UNK]",
+        );
         train_on_corpus(&mut tk, &mut trainer, corpus, &name)?;
         let tk = canonical_wordpiece_ids(tk, &specials, &name)?;
         // The post-processor needs the final ids.
@@ -800,9 +794,9 @@ fn roberta_pipeline_on(mut tk: Tokenizer, _name: &str) -> Result<Tokenizer> {
 
 /// Feeds the corpus (streamed, never held whole) to a `tokenizers` trainer. A read error
 /// stops the feed and is returned.
-fn train_on_corpus(
+fn train_on_corpus<T: Trainer<Model = ModelWrapper> + Sync>(
     tk: &mut Tokenizer,
-    trainer: &mut TrainerWrapper,
+    trainer: &mut T,
     corpus: &Corpus,
     name: &str,
 ) -> Result<()> {

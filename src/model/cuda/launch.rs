@@ -66,9 +66,11 @@ pub(super) fn elementwise_grid(n: usize) -> (u32, u32) {
 /// Blocks for a row kernel over `rows` rows.
 pub(super) fn row_grid(rows: usize) -> CResult<(u32, u32)> {
     let blocks = (rows as u64).div_ceil(ROWS_PER_BLOCK);
-    u32::try_from(blocks)
-        .map(|b| (b, 1))
-        .map_err(|_| err(format!("{rows} rows exceed one launch")))
+    // CUDA's limit on a grid's x dimension.
+    if blocks > i32::MAX as u64 {
+        return Err(err(format!("{rows} rows exceed one launch")));
+    }
+    Ok((blocks as u32, 1))
 }
 
 /// Blocks for a column-sum kernel: 256 columns by `chunks` chunks of rows.

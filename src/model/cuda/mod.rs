@@ -171,6 +171,10 @@ pub fn attention(
         .matmul(&kh.to_dtype(c)?.t()?)?
         .to_dtype(DType::F32)?;
     let mask = match mask {
+        Some(m) if m.elem_count() != b * s => bail!(
+            "attention: an additive key mask {:?} for {b} sequences of {s} (want [{b}, 1, 1, {s}])",
+            m.dims()
+        ),
         Some(m) => m
             .detach()
             .to_dtype(DType::F32)?
