@@ -6,8 +6,8 @@ mod data_common;
 
 use std::path::PathBuf;
 
+use distil::data::subword_trainer::SubwordTrainer;
 use distil::data::tokenizer::{BpeTrainOptions, WordBoundary, WordPieceTrainOptions};
-use distil::data::wordpiece_trainer::WordPieceVocabTrainer;
 use distil::data::{BertVocabOptions, Corpus, CorpusConfig, Tok};
 
 fn minilm(shared: &std::path::Path) -> PathBuf {
@@ -239,8 +239,8 @@ fn training_on_an_empty_corpus_fails_clearly() {
     assert!(e.contains("vocab_size"), "{e}");
 }
 
-fn trainer(vocab_size: usize, min_frequency: u64, limit: Option<usize>) -> WordPieceVocabTrainer {
-    WordPieceVocabTrainer::new(
+fn trainer(vocab_size: usize, min_frequency: u64, limit: Option<usize>) -> SubwordTrainer {
+    SubwordTrainer::wordpiece(
         vocab_size,
         min_frequency,
         limit,
@@ -294,26 +294,61 @@ fn wordpiece_trainer_limits_the_alphabet_to_the_most_frequent_characters() {
 }
 
 #[test]
-fn trained_wordpiece_vocabulary_is_the_same_in_every_process() {
-    // tokenizers' own trainer numbered pieces in a randomly seeded hash map's order and broke
+fn trained_vocabularies_are_the_same_in_every_process() {
+    // tokenizers' own trainers numbered pieces in a randomly seeded hash map's order and broke
     // ties by those numbers: some processes got another vocabulary from the same corpus.
     let tmp = tempfile::tempdir().unwrap();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let vocab = |i: usize| {
-        let out = tmp.path().join(format!("tk{i}"));
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_distil"))
-            .args(["tokenizer", "train", "--vocab-size", "3000", "--out"])
-            .arg(&out)
-            .arg("--data")
-            .arg(root.join("data/shakespeare"))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        std::fs::read_to_string(out.join("vocab.txt")).unwrap()
-    };
-    let first = vocab(0);
-    assert_eq!(first.lines().count(), 3000);
-    for i in 1..4 {
-        assert!(vocab(i) == first, "process {i} trained another vocabulary");
+    for kind in ["wordpiece", "bpe"] {
+        let train = |i: usize| {
+            let out = tmp.path().join(format!("{kind}{i}"));
+            let o = std::process::Command::new(env!("CARGO_BIN_EXE_distil"))
+                .args([
+                    "tokenizer",
+                    "train",
+                    "--vocab-size",
+                    "3000",
+                    "--kind",
+                    kind,
+                    "--out",
+                ])
+                .arg(&out)
+                .arg("--data")
+                .arg(root.join("data/shakespeare"))
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            std::fs::read_to_string(out.join("tokenizer.json")).unwrap()
+        };
+        let first = train(0);
+        assert_eq!(
+            Tok::load(
+                tmp.path().join(format!("{kind}0")),
+                &BertVocabOptions::default()
+            )
+            .unwrap()
+            .vocab_size(),
+            3000
+        );
+        for i in 1..4 {
+            assert!(
+                train(i) == first,
+                "{kind}: process {i} trained another vocabulary"
+            );
+        }
     }
+}
+
+#[test]
+fn bpe_trainer_keeps_its_whole_alphabet_and_records_the_merges() {
+    let mut t = SubwordTrainer::byte_level_bpe(100, 2, vec!['z', 'a', 'b'], vec!["<s>".into()]);
+    t.add_word("ab", 3);
+    t.add_word("abb", 2);
+    let l = t.learn();
+    // No `##`: (a, b) 5 times, then (ab, b) twice.
+    assert_eq!(l.pieces, ["<s>", "a", "b", "z", "ab", "abb"]);
+    assert_eq!(
+        l.merges,
+        [("a".into(), "b".into()), ("ab".into(), "b".into())]
+    );
 }

@@ -14,8 +14,8 @@ pub mod corpus;
 pub mod error;
 pub mod masking;
 pub mod sequences;
+pub mod subword_trainer;
 pub mod tokenizer;
-pub mod wordpiece_trainer;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
-use tokenizers::models::bpe::{BpeTrainer, BPE};
+use tokenizers::models::bpe::BPE;
 use tokenizers::models::wordpiece::WordPiece;
-use tokenizers::models::{ModelWrapper, TrainerWrapper};
+use tokenizers::models::ModelWrapper;
 use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -25,7 +25,7 @@ use tokenizers::{AddedToken, Encoding, Model, Tokenizer, Trainer};
 
 use super::corpus::Corpus;
 use super::error::{DataError, Result};
-use super::wordpiece_trainer::WordPieceVocabTrainer;
+use super::subword_trainer::SubwordTrainer;
 
 /// Number of `[unusedN]` tokens between `[PAD]` and `[UNK]` in a freshly trained WordPiece
 /// vocabulary, so that `[UNK]`=100, `[CLS]`=101, `[SEP]`=102, `[MASK]`=103 as in bert-base.
@@ -309,8 +309,8 @@ impl Tok {
             .build()
             .map_err(|e| DataError::tokenizer(&name, e))?;
         let mut tk = bert_pipeline(wp, &opts.normalizer, &name)?;
-        // Our own trainer: tokenizers' breaks ties in a random order (see wordpiece_trainer).
-        let mut trainer = WordPieceVocabTrainer::new(
+        // Our own trainer: tokenizers' breaks ties in a random order (see subword_trainer).
+        let mut trainer = SubwordTrainer::wordpiece(
             opts.vocab_size,
             opts.min_frequency,
             opts.limit_alphabet,
@@ -357,19 +357,12 @@ impl Tok {
         }
         let name = "(trained byte-level BPE)".to_string();
         let mut tk = roberta_pipeline(BPE::default(), opts.add_prefix_space, &name)?;
-        let mut trainer: TrainerWrapper = BpeTrainer::builder()
-            .vocab_size(opts.vocab_size)
-            .min_frequency(opts.min_frequency)
-            .show_progress(opts.show_progress)
-            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-            .special_tokens(
-                specials
-                    .iter()
-                    .map(|s| AddedToken::from(s.clone(), true))
-                    .collect(),
-            )
-            .build()
-            .into();
+        let mut trainer = SubwordTrainer::byte_level_bpe(
+            opts.vocab_size,
+            opts.min_frequency,
+            ByteLevel::alphabet().into_iter().collect(),
+            specials.clone(),
+        );
         train_on_corpus(&mut tk, &mut trainer, corpus, &name)?;
         let tk = roberta_pipeline_on(tk, &name)?;
         Tok::from_tokenizer(tk, name)

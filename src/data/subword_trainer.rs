@@ -1,59 +1,108 @@
-//! A deterministic WordPiece vocabulary trainer: the algorithm of `tokenizers`'
-//! `WordPieceTrainer` (BPE merges over the corpus's words, pieces inside a word prefixed with
-//! `##`, the most frequent pair merged first, down to `min_frequency`, up to `vocab_size`),
-//! with every choice made in a fixed order.
+//! Deterministic subword vocabulary training: the algorithm of `tokenizers`' `BpeTrainer` and
+//! `WordPieceTrainer` (BPE merges over the corpus's words, the most frequent pair merged first,
+//! down to `min_frequency`, up to `vocab_size`; for WordPiece the pieces inside a word prefixed
+//! with `##`), with every choice made in a fixed order.
 //!
-//! Why our own: `tokenizers` (0.23) numbers the `##` pieces in the iteration order of a
-//! randomly seeded hash map of the corpus's words, and breaks ties between equally frequent
-//! pairs by those numbers, so the same corpus gave a different vocabulary in some processes
+//! Why our own: `tokenizers` (0.23) numbers the pieces in the iteration order of a randomly
+//! seeded hash map of the corpus's words, and breaks ties between equally frequent pairs by
+//! those numbers, so the same corpus gave a different vocabulary in some processes
 //! (huggingface/tokenizers#1794) — and the quickstart different losses from run to run. Here
 //! every piece is numbered in an order fixed by the corpus (alphabet by character, `##` pieces
 //! by character, merges in the order they are made), ties go to the lower numbers, and the
 //! alphabet limit keeps the most frequent characters, ties by character. It plugs into
 //! `Tokenizer::train` as a [`Trainer`], so words are normalised and pre-tokenised by the
-//! tokenizer's own pipeline.
+//! tokenizer's own pipeline (for byte-level BPE, mapped to its 256-symbol alphabet).
 
 use rayon::iter::{ParallelBridge, ParallelIterator};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use tokenizers::models::bpe::BPE;
 use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::models::ModelWrapper;
 use tokenizers::{AddedToken, Trainer};
 
+/// WordPiece's prefix of the pieces that continue a word.
 const PREFIX: &str = "##";
 
-/// The trainer's settings; feed it through `Tokenizer::train`.
-#[derive(Debug, Clone, Default)]
-pub struct WordPieceVocabTrainer {
+/// What is trained.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubwordKind {
+    /// WordPiece (BERT): `##` pieces, unknown token `unk`.
+    WordPiece { unk: String },
+    /// Byte-level BPE (RoBERTa): merges kept, every byte in the alphabet.
+    Bpe,
+}
+
+/// The trainer's settings and the word counts fed so far; feed it through `Tokenizer::train`.
+#[derive(Debug, Clone)]
+pub struct SubwordTrainer {
+    pub kind: SubwordKind,
     /// The vocabulary's size, special tokens included.
     pub vocab_size: usize,
     /// Pairs seen fewer times are not merged.
     pub min_frequency: u64,
     /// The most distinct characters kept in the alphabet (the most frequent ones).
     pub limit_alphabet: Option<usize>,
+    /// Characters always in the alphabet (byte-level BPE: its 256 symbols).
+    pub initial_alphabet: Vec<char>,
     /// Special tokens, first in the vocabulary in this order.
     pub special_tokens: Vec<String>,
-    /// The unknown token (must be one of the special tokens).
-    pub unk_token: String,
-    /// Word counts fed so far.
     words: HashMap<String, u64>,
 }
 
-impl WordPieceVocabTrainer {
-    pub fn new(
+/// A trained vocabulary: the pieces in id order (special tokens, the alphabet, the `##`
+/// pieces, then the merged pieces in the order they were made), and the merges made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Learned {
+    pub pieces: Vec<String>,
+    pub merges: Vec<(String, String)>,
+}
+
+impl SubwordTrainer {
+    /// A WordPiece trainer (tokenizers' `WordPieceTrainer`'s settings).
+    pub fn wordpiece(
         vocab_size: usize,
         min_frequency: u64,
         limit_alphabet: Option<usize>,
         special_tokens: Vec<String>,
         unk_token: &str,
     ) -> Self {
-        WordPieceVocabTrainer {
+        SubwordTrainer {
+            kind: SubwordKind::WordPiece {
+                unk: unk_token.to_string(),
+            },
             vocab_size,
             min_frequency,
             limit_alphabet,
+            initial_alphabet: Vec::new(),
             special_tokens,
-            unk_token: unk_token.to_string(),
             words: HashMap::new(),
+        }
+    }
+
+    /// A byte-level BPE trainer over `alphabet` (the byte-level pre-tokenizer's symbols).
+    pub fn byte_level_bpe(
+        vocab_size: usize,
+        min_frequency: u64,
+        alphabet: Vec<char>,
+        special_tokens: Vec<String>,
+    ) -> Self {
+        SubwordTrainer {
+            kind: SubwordKind::Bpe,
+            vocab_size,
+            min_frequency,
+            limit_alphabet: None,
+            initial_alphabet: alphabet,
+            special_tokens,
+            words: HashMap::new(),
+        }
+    }
+
+    /// The prefix of pieces that continue a word.
+    fn prefix(&self) -> &'static str {
+        match self.kind {
+            SubwordKind::WordPiece { .. } => PREFIX,
+            SubwordKind::Bpe => "",
         }
     }
 
@@ -62,9 +111,14 @@ impl WordPieceVocabTrainer {
         *self.words.entry(word.to_string()).or_default() += count;
     }
 
-    /// The vocabulary, in id order: the special tokens, the alphabet, the `##` pieces, then
-    /// the merged pieces in the order they were made.
+    /// The vocabulary's pieces in id order (see [`Learned`]).
     pub fn vocabulary(&self) -> Vec<String> {
+        self.learn().pieces
+    }
+
+    /// Trains on the words fed so far.
+    pub fn learn(&self) -> Learned {
+        let prefix = self.prefix();
         // Words in a fixed order (their text), so that everything below is too.
         let words: BTreeMap<&str, u64> = self.words.iter().map(|(w, &c)| (w.as_str(), c)).collect();
         let mut pieces: Vec<String> = Vec::new();
@@ -87,6 +141,9 @@ impl WordPieceVocabTrainer {
                 *chars.entry(ch).or_default() += c;
             }
         }
+        for &ch in &self.initial_alphabet {
+            chars.insert(ch, u64::MAX);
+        }
         let mut kept: Vec<(char, u64)> = chars.into_iter().collect();
         if let Some(limit) = self.limit_alphabet {
             if kept.len() > limit {
@@ -100,16 +157,18 @@ impl WordPieceVocabTrainer {
             add(ch.to_string(), &mut pieces, &mut ids);
         }
         // The `##` pieces of the characters that continue a word, by character.
-        let mut continuing: Vec<char> = words
-            .keys()
-            .flat_map(|w| w.chars().skip(1))
-            .filter(|ch| alphabet.contains(ch))
-            .collect::<HashSet<char>>()
-            .into_iter()
-            .collect();
-        continuing.sort_unstable();
-        for ch in continuing {
-            add(format!("{PREFIX}{ch}"), &mut pieces, &mut ids);
+        if !prefix.is_empty() {
+            let mut continuing: Vec<char> = words
+                .keys()
+                .flat_map(|w| w.chars().skip(1))
+                .filter(|ch| alphabet.contains(ch))
+                .collect::<HashSet<char>>()
+                .into_iter()
+                .collect();
+            continuing.sort_unstable();
+            for ch in continuing {
+                add(format!("{prefix}{ch}"), &mut pieces, &mut ids);
+            }
         }
 
         // Each word as piece ids (characters outside the alphabet left out, as tokenizers does).
@@ -124,7 +183,7 @@ impl WordPieceVocabTrainer {
                     let s = if i == 0 {
                         ch.to_string()
                     } else {
-                        format!("{PREFIX}{ch}")
+                        format!("{prefix}{ch}")
                     };
                     ids[&s]
                 })
@@ -149,6 +208,7 @@ impl WordPieceVocabTrainer {
             .filter(|&(_, &n)| n > 0)
             .map(|(&p, &n)| (n, Reverse(p)))
             .collect();
+        let mut merges: Vec<(String, String)> = Vec::new();
         while pieces.len() < self.vocab_size {
             let Some((n, Reverse(pair))) = queue.pop() else {
                 break;
@@ -164,12 +224,14 @@ impl WordPieceVocabTrainer {
             if (n as u64) < self.min_frequency.max(1) {
                 break;
             }
-            let right = &pieces[pair.1 as usize];
-            let merged = format!(
-                "{}{}",
-                pieces[pair.0 as usize],
-                right.strip_prefix(PREFIX).unwrap_or(right)
-            );
+            let (left, right) = (&pieces[pair.0 as usize], &pieces[pair.1 as usize]);
+            let tail = if prefix.is_empty() {
+                right
+            } else {
+                right.strip_prefix(prefix).unwrap_or(right)
+            };
+            let merged = format!("{left}{tail}");
+            merges.push((left.clone(), right.clone()));
             let new_id = add(merged, &mut pieces, &mut ids);
             // Re-count the words holding the pair: their old pairs out, the merged word's in.
             let mut touched: Vec<usize> = where_
@@ -214,11 +276,11 @@ impl WordPieceVocabTrainer {
                 }
             }
         }
-        pieces
+        Learned { pieces, merges }
     }
 }
 
-impl Trainer for WordPieceVocabTrainer {
+impl Trainer for SubwordTrainer {
     type Model = ModelWrapper;
 
     fn should_show_progress(&self) -> bool {
@@ -226,18 +288,25 @@ impl Trainer for WordPieceVocabTrainer {
     }
 
     fn train(&self, model: &mut ModelWrapper) -> tokenizers::Result<Vec<AddedToken>> {
-        let vocab: ahash::AHashMap<String, u32> = self
-            .vocabulary()
+        let learned = self.learn();
+        let vocab: ahash::AHashMap<String, u32> = learned
+            .pieces
             .into_iter()
             .enumerate()
             .map(|(i, s)| (s, i as u32))
             .collect();
-        let wp = WordPiece::builder()
-            .vocab(vocab)
-            .unk_token(self.unk_token.clone())
-            .continuing_subword_prefix(PREFIX.into())
-            .build()?;
-        *model = wp.into();
+        *model = match &self.kind {
+            SubwordKind::WordPiece { unk } => WordPiece::builder()
+                .vocab(vocab)
+                .unk_token(unk.clone())
+                .continuing_subword_prefix(PREFIX.into())
+                .build()?
+                .into(),
+            SubwordKind::Bpe => BPE::builder()
+                .vocab_and_merges(vocab, learned.merges)
+                .build()?
+                .into(),
+        };
         Ok(self
             .special_tokens
             .iter()
