@@ -95,6 +95,33 @@ fn bench_step_prints_one_json_line() {
         assert_eq!(v["matmul_flops"].as_f64().unwrap(), 593_100_800.0);
         assert!(v["mfu"].as_f64().is_some() && v["pct_of_matmul_peak"].as_f64().is_some());
     }
+    // The parts of the step, with candle's composed ops.
+    let (ok, out) = distil(&[
+        "bench-step",
+        "--shape",
+        "small",
+        "--device",
+        "cpu",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--iters",
+        "2",
+        "--warmup",
+        "0",
+        "--peak-size",
+        "0",
+        "--parts",
+        "--composed",
+    ]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    assert_eq!(v["composed"], true);
+    let parts = v["parts"].as_object().expect("parts");
+    for k in ["teacher", "student_forward", "backward", "optimizer"] {
+        assert!(parts[k].as_f64().unwrap() > 0.0, "{k}: {parts:?}");
+    }
 }
 
 #[test]
