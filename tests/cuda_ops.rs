@@ -175,20 +175,34 @@ fn dense_layer_matches_the_composed_layer() {
 }
 
 #[test]
-fn dense_layer_in_bf16_stays_close_to_f32() {
+fn dense_layer_and_attention_in_half_precision_stay_close_to_f32() {
     let inputs = [
         randn(&[4, 8, 64], 9),
         (randn(&[32, 64], 10) * 0.1).unwrap(),
         randn(&[32], 11),
     ];
     let act = Some(Activation::GeluErf);
-    check(
-        "dense bf16",
-        &inputs,
-        |t| cuda::linear(&t[0], &t[1], &t[2], act, None, DType::BF16).unwrap(),
-        |t| cuda::linear(&t[0], &t[1], &t[2], act, None, DType::F32).unwrap(),
-        5e-2,
-    );
+    let qkv = [
+        randn(&[2, 8, 32], 21),
+        randn(&[2, 8, 32], 22),
+        randn(&[2, 8, 32], 23),
+    ];
+    for dt in [DType::BF16, DType::F16] {
+        check(
+            &format!("dense {dt:?}"),
+            &inputs,
+            |t| cuda::linear(&t[0], &t[1], &t[2], act, None, dt).unwrap(),
+            |t| cuda::linear(&t[0], &t[1], &t[2], act, None, DType::F32).unwrap(),
+            5e-2,
+        );
+        check(
+            &format!("attention {dt:?}"),
+            &qkv,
+            |t| cuda::attention(&t[0], &t[1], &t[2], 4, None, Some((0.1, 9)), dt).unwrap(),
+            |t| cuda::attention(&t[0], &t[1], &t[2], 4, None, Some((0.1, 9)), DType::F32).unwrap(),
+            5e-2,
+        );
+    }
 }
 
 #[test]
