@@ -220,9 +220,10 @@ impl Encoder {
         self.layer_kernel = on;
     }
 
-    /// Chooses between the fused CPU kernels (the default, used where they apply) and
-    /// candle's composed ops everywhere (what other devices and dtypes always get). Both
-    /// compute the same function and draw the same dropout masks from the same RNG state.
+    /// Chooses between distil's fused kernels (the default, used where they apply: `fused`
+    /// on the CPU in f32, `cuda` on a GPU) and candle's composed ops everywhere. They compute
+    /// the same function; on the CPU both draw the same dropout masks from the same RNG
+    /// state (on a GPU each path draws its own, from seeds taken from that RNG).
     pub fn set_fused(&mut self, fused: bool) {
         self.fused = fused;
     }
@@ -232,7 +233,7 @@ impl Encoder {
     /// parameters' dtype (f32), so the weights, layer norms, softmax and losses stay f32 and
     /// the gradients reach the f32 weights through the casts. `DType::F32` (the default)
     /// turns it off. The fused CPU kernels are f32-only: any other dtype runs candle's
-    /// composed ops.
+    /// composed ops there. The CUDA kernels take it: f32 activations, products in `dtype`.
     pub fn set_compute_dtype(&mut self, dtype: DType) {
         self.compute = dtype;
     }
@@ -245,7 +246,7 @@ impl Encoder {
         self.fused && self.compute == x.dtype() && fused::enabled_for(x)
     }
 
-    /// Whether the CUDA kernels (layer norm, softmax, dropout) may run on `x`.
+    /// Whether the CUDA kernels (`model::cuda`) may run on `x`.
     fn use_cuda(&self, x: &Tensor) -> bool {
         self.fused && cuda::applies(x)
     }
