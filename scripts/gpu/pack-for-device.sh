@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Packs the CUDA binary for a GPU machine that receives only the working tree (at most 64 MiB):
+#
+#   scripts/gpu/build-cuda.sh && scripts/gpu/pack-for-device.sh
+#
+# writes .gpubin/distil-gpu.gz (stripped and gzipped: about 23 MB against 70 MB) and adds
+# `/.gpubin/` to .git/info/exclude, so that git ignores it and it travels only when asked for
+# (the device tool's `carry: [".gpubin"]`). On the GPU machine, from the tree's root:
+#
+#   scripts/gpu/pack-for-device.sh --run [run-gpu-checks.sh's arguments]
+#
+# unpacks it to /tmp/distil-gpu and runs scripts/gpu/run-gpu-checks.sh with it (its summary
+# and logs under $OUT/gpu-checks when OUT is set, else under target-cuda/gpu-checks).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+if [ "${1:-}" = "--run" ]; then
+  shift
+  [ -f .gpubin/distil-gpu.gz ] || { echo "no .gpubin/distil-gpu.gz here: was .gpubin carried?" >&2; exit 1; }
+  gunzip -c .gpubin/distil-gpu.gz > /tmp/distil-gpu
+  chmod +x /tmp/distil-gpu
+  # The driver's libcuda, wherever the image keeps it.
+  export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}/usr/local/nvidia/lib64:/usr/local/nvidia/lib
+  checks=${OUT:+$OUT/gpu-checks}
+  DISTIL_BIN=/tmp/distil-gpu OUT=${checks:-target-cuda/gpu-checks} PYTHONUNBUFFERED=1 \
+    exec scripts/gpu/run-gpu-checks.sh "$@"
+fi
+case "${1:-}" in
+  -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+  "") ;;
+  *) echo "pack-for-device.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+esac
+bin=${CARGO_TARGET_DIR:-target-cuda/real}/distil-gpu
+[ -f "$bin" ] || { echo "no $bin: build it with scripts/gpu/build-cuda.sh" >&2; exit 1; }
+mkdir -p .gpubin
+strip -o .gpubin/distil-gpu "$bin"
+gzip -f -1 .gpubin/distil-gpu
+exclude=$(git rev-parse --git-path info/exclude)
+mkdir -p "$(dirname "$exclude")"
+grep -qx "/.gpubin/" "$exclude" 2>/dev/null || echo "/.gpubin/" >> "$exclude"
+echo "packed .gpubin/distil-gpu.gz ($(du -h .gpubin/distil-gpu.gz | cut -f1)); carry .gpubin to the GPU machine"
