@@ -126,7 +126,11 @@ fn bench_step_prints_one_json_line() {
 
 #[test]
 fn gpu_scripts_parse_and_explain_themselves() {
-    for s in ["scripts/gpu/build-cuda.sh", "scripts/gpu/run-gpu-checks.sh"] {
+    for s in [
+        "scripts/gpu/build-cuda.sh",
+        "scripts/gpu/run-gpu-checks.sh",
+        "scripts/gpu/pack-for-device.sh",
+    ] {
         let o = Command::new("bash")
             .args(["-n", s])
             .current_dir(root())
