@@ -9,8 +9,10 @@
 #
 #   scripts/gpu/pack-for-device.sh --run [run-gpu-checks.sh's arguments]
 #
-# unpacks it to /tmp/distil-gpu and runs scripts/gpu/run-gpu-checks.sh with it (its summary
-# and logs under $OUT/gpu-checks when OUT is set, else under target-cuda/gpu-checks).
+# unpacks it to /tmp/distil-gpu and runs scripts/gpu/run-gpu-checks.sh with it, logging under
+# target-cuda/gpu-checks; when OUT is set (the device tool's folder of files to bring back, at
+# most 8 files) it then copies summary.md there and the logs as gpu-checks.tgz (models left
+# out), and exits with the checks' status.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ "${1:-}" = "--run" ]; then
@@ -20,9 +22,15 @@ if [ "${1:-}" = "--run" ]; then
   chmod +x /tmp/distil-gpu
   # The driver's libcuda, wherever the image keeps it.
   export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}/usr/local/nvidia/lib64:/usr/local/nvidia/lib
-  checks=${OUT:+$OUT/gpu-checks}
-  DISTIL_BIN=/tmp/distil-gpu OUT=${checks:-target-cuda/gpu-checks} PYTHONUNBUFFERED=1 \
-    exec scripts/gpu/run-gpu-checks.sh "$@"
+  back=${OUT:-}
+  status=0
+  DISTIL_BIN=/tmp/distil-gpu OUT=target-cuda/gpu-checks PYTHONUNBUFFERED=1 \
+    scripts/gpu/run-gpu-checks.sh "$@" || status=$?
+  if [ -n "$back" ]; then
+    cp target-cuda/gpu-checks/summary.md "$back/" 2>/dev/null || true
+    tar czf "$back/gpu-checks.tgz" --exclude='*.safetensors' -C target-cuda gpu-checks
+  fi
+  exit "$status"
 fi
 case "${1:-}" in
   -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
