@@ -10,17 +10,16 @@ use common::max_abs_diff;
 use distil::model::cuda::{self, reference};
 use distil::model::ops::{log_softmax_last_dim, softmax_last_dim, LayerNorm};
 use distil::model::Activation;
+use distil::util::{splitmix64, SPLITMIX_GAMMA};
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     // A deterministic pseudo-normal tensor (sums of uniforms from a splitmix stream).
     let n: usize = shape.iter().product();
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut state = seed.wrapping_mul(SPLITMIX_GAMMA) | 1;
     let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 40) as f32 / 16_777_216.0
+        let z = splitmix64(state);
+        state = state.wrapping_add(SPLITMIX_GAMMA);
+        (z >> 40) as f32 / 16_777_216.0
     };
     let v: Vec<f32> = (0..n)
         .map(|_| (next() + next() + next() + next() - 2.0) * 1.7)

@@ -20,6 +20,7 @@ use crate::model::student::init_from_teacher;
 use crate::model::{Encoder, EncoderConfig, EncoderInput, ForwardOptions, Layout, Params, Parts};
 use crate::recipe::parse_device;
 use crate::train::optim::{AdamW, AdamWConfig};
+use crate::util::{splitmix64, SPLITMIX_GAMMA};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, ValueEnum};
@@ -93,11 +94,9 @@ pub fn shared_batch(
 ) -> (Vec<u32>, Vec<usize>) {
     let mut state = 0u64;
     let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        let z = splitmix64(state);
+        state = state.wrapping_add(SPLITMIX_GAMMA);
+        z
     };
     let ids = (0..tokens)
         .map(|_| (low + next() % (vocab - low)) as u32)

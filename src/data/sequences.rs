@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::cache::{Mapped, TokenCache};
 use super::error::{DataError, Result};
 use super::tokenizer::{write_atomic, Tok};
+use crate::util::splitmix64;
 
 /// How units become sequences.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -494,17 +495,10 @@ impl SplitWriter {
     }
 }
 
-/// A deterministic 64-bit mix (SplitMix64 finaliser).
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// Whether document `d` belongs to the held-out split for this seed and fraction.
 pub fn is_held_out(seed: u64, d: u64, fraction: f64) -> bool {
-    fraction > 0.0 && (mix(mix(seed) ^ d) >> 11) as f64 / (1u64 << 53) as f64 <= fraction
+    fraction > 0.0
+        && (splitmix64(splitmix64(seed) ^ d) >> 11) as f64 / (1u64 << 53) as f64 <= fraction
 }
 
 /// Documents as unit ranges, following [`Documents`], without materialising them (a corpus
@@ -712,7 +706,7 @@ fn cut_pairs(
     stats: &mut CutStats,
 ) -> Result<()> {
     let max = (cfg.block_size - 3) as u64;
-    let mut rng = ChaCha8Rng::seed_from_u64(mix(cfg.seed ^ 0x5041_4952));
+    let mut rng = ChaCha8Rng::seed_from_u64(splitmix64(cfg.seed ^ 0x5041_4952));
     if task == SentencePairs::Nsp && doc_ids.len() < 2 && !doc_ids.is_empty() {
         return Err(DataError::config(
             "data.pairs",

@@ -4,6 +4,19 @@ pub mod alloc;
 pub mod threads;
 
 use anyhow::{Context, Result};
+
+/// SplitMix64's increment: a stream's values are `splitmix64(state)`, `state` advanced by it.
+pub const SPLITMIX_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64: `z` plus [`SPLITMIX_GAMMA`], through its finaliser. A deterministic 64-bit mix,
+/// used for held-out splits, the benches' shared batch and the GPU dropout hash (whose CUDA
+/// twin is `keep_scale` in `model/cuda/kernels.cu`).
+pub fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(SPLITMIX_GAMMA);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
 use std::io::Write;
 use std::path::Path;
 

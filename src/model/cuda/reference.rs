@@ -4,13 +4,11 @@
 //! run only adds the kernels' own arithmetic, which mirrors these line for line.
 
 use crate::model::fused::math::erf;
+use crate::util::{splitmix64, SPLITMIX_GAMMA};
 
 /// Inverted dropout's factor for element `i` (`keep_scale` in `kernels.cu`).
 pub fn keep_scale(seed: u64, i: u64, p: f32, scale: f32) -> f32 {
-    let mut z = seed.wrapping_add((i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
+    let z = splitmix64(seed.wrapping_add(i.wrapping_mul(SPLITMIX_GAMMA)));
     let u = (z >> 40) as f32 * (1.0 / 16_777_216.0);
     if u < p {
         0.0
