@@ -108,7 +108,6 @@ fn trained_wordpiece_keeps_bert_ids_and_round_trips() {
         limit_alphabet: Some(1000),
         normalizer: BertVocabOptions::default(),
         extra_special_tokens: vec!["[E1]".into()],
-        show_progress: false,
     };
     let t = Tok::train_wordpiece(&corpus, &opts).unwrap();
     // The same corpus and options give the same ids every time (the trainer alone breaks
@@ -169,7 +168,6 @@ fn trained_byte_level_bpe_has_roberta_ids_and_round_trips() {
         min_frequency: 2,
         add_prefix_space: false,
         extra_special_tokens: vec![],
-        show_progress: false,
     };
     let t = Tok::train_byte_level_bpe(&corpus, &opts).unwrap();
     let sp = t.special_ids().clone();
@@ -223,7 +221,6 @@ fn training_on_an_empty_corpus_fails_clearly() {
         limit_alphabet: None,
         normalizer: BertVocabOptions::default(),
         extra_special_tokens: vec![],
-        show_progress: false,
     };
     let e = Tok::train_wordpiece(&corpus, &opts)
         .unwrap_err()

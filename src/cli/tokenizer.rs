@@ -110,7 +110,6 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
                     ..Default::default()
                 },
                 extra_special_tokens: vec![],
-                show_progress: false,
             },
         ),
         Kind::Bpe => Tok::train_byte_level_bpe(
@@ -120,7 +119,6 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
                 min_frequency: a.min_frequency,
                 add_prefix_space: true,
                 extra_special_tokens: vec![],
-                show_progress: false,
             },
         ),
     }

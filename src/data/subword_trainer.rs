@@ -119,8 +119,9 @@ impl SubwordTrainer {
     /// Trains on the words fed so far.
     pub fn learn(&self) -> Learned {
         let prefix = self.prefix();
-        // Words in a fixed order (their text), so that everything below is too.
-        let words: BTreeMap<&str, u64> = self.words.iter().map(|(w, &c)| (w.as_str(), c)).collect();
+        // The order words are visited in changes no count, and every piece is numbered in an
+        // order of its own (specials, alphabet, `##` pieces, merges): no sorting of words.
+        let words = &self.words;
         let mut pieces: Vec<String> = Vec::new();
         let mut ids: HashMap<String, u32> = HashMap::new();
         // The id of piece `s`, numbered next if new.
@@ -136,7 +137,7 @@ impl SubwordTrainer {
 
         // The alphabet: every character, or the `limit_alphabet` most frequent ones.
         let mut chars: BTreeMap<char, u64> = BTreeMap::new();
-        for (w, &c) in &words {
+        for (w, &c) in words {
             for ch in w.chars() {
                 *chars.entry(ch).or_default() += c;
             }
@@ -174,7 +175,7 @@ impl SubwordTrainer {
         // Each word as piece ids (characters outside the alphabet left out, as tokenizers does).
         let mut seqs: Vec<Vec<u32>> = Vec::with_capacity(words.len());
         let mut counts: Vec<i64> = Vec::with_capacity(words.len());
-        for (w, &c) in &words {
+        for (w, &c) in words {
             let seq = w
                 .chars()
                 .enumerate()
@@ -234,14 +235,8 @@ impl SubwordTrainer {
             merges.push((left.clone(), right.clone()));
             let new_id = add(merged, &mut pieces, &mut ids);
             // Re-count the words holding the pair: their old pairs out, the merged word's in.
-            let mut touched: Vec<usize> = where_
-                .remove(&pair)
-                .unwrap_or_default()
-                .into_iter()
-                .collect();
-            touched.sort_unstable();
             let mut changed: HashSet<(u32, u32)> = HashSet::new();
-            for i in touched {
+            for i in where_.remove(&pair).unwrap_or_default() {
                 let seq = &mut seqs[i];
                 for p in seq.windows(2) {
                     *pair_counts.entry((p[0], p[1])).or_default() -= counts[i];
@@ -266,8 +261,7 @@ impl SubwordTrainer {
                 }
             }
             pair_counts.remove(&pair);
-            let mut changed: Vec<(u32, u32)> = changed.into_iter().collect();
-            changed.sort_unstable();
+            // The queue orders (count, pair) totally: the order of these pushes changes nothing.
             for q in changed {
                 if let Some(&n) = pair_counts.get(&q) {
                     if n > 0 && q != pair {

@@ -109,9 +109,6 @@ pub struct WordPieceTrainOptions {
     /// Extra special tokens, appended after `[MASK]` (ids 104, 105, …).
     #[serde(default)]
     pub extra_special_tokens: Vec<String>,
-    /// Show the `tokenizers` progress bar.
-    #[serde(default)]
-    pub show_progress: bool,
 }
 
 /// Options for training a byte-level BPE tokenizer (RoBERTa layout: `<s>`=0, `<pad>`=1,
@@ -130,9 +127,6 @@ pub struct BpeTrainOptions {
     /// Extra special tokens, appended after `<mask>`.
     #[serde(default)]
     pub extra_special_tokens: Vec<String>,
-    /// Show the `tokenizers` progress bar.
-    #[serde(default)]
-    pub show_progress: bool,
 }
 
 fn two() -> u64 {

@@ -52,7 +52,6 @@ pub fn tokenizer(recipe: &Recipe, run_root: &Path, verbose: bool) -> Result<Tok>
                         ..Default::default()
                     },
                     extra_special_tokens: vec![],
-                    show_progress: false,
                 },
             )?,
             TokenizerKind::Bpe => Tok::train_byte_level_bpe(
@@ -62,7 +61,6 @@ pub fn tokenizer(recipe: &Recipe, run_root: &Path, verbose: bool) -> Result<Tok>
                     min_frequency: train.min_frequency,
                     add_prefix_space: true,
                     extra_special_tokens: vec![],
-                    show_progress: false,
                 },
             )?,
         };
