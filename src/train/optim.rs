@@ -65,20 +65,10 @@ pub struct AdamW {
     fused: bool,
 }
 
-/// One step's scalars, shared by every parameter.
-#[derive(Clone, Copy)]
-struct StepScalars {
-    lr: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    /// `1 - lr·wd` for decayed parameters, 1 otherwise.
-    decay_factor: f32,
-    bias_correction1: f32,
-    /// sqrt(1 - beta2^t)
-    bias_correction2_sqrt: f32,
-    grad_scale: f32,
-}
+/// One step's scalars, shared by every parameter, for all three updates (host, CUDA kernel,
+/// candle's ops): `step_size` is `lr / (1 - beta1^t)`, `decay_factor` `1 - lr·wd` for decayed
+/// parameters (1 otherwise), `bias_correction2_sqrt` `sqrt(1 - beta2^t)`.
+type StepScalars = cuda::AdamWStep;
 
 struct CpuUpdate<'a> {
     s: StepScalars,
@@ -128,7 +118,7 @@ impl candle_core::InplaceOp2 for CpuUpdate<'_> {
     "x86_64+avx2+fma"
 ))]
 fn adamw_update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &StepScalars) {
-    let step_size = s.lr / s.bias_correction1;
+    let step_size = s.step_size;
     for i in 0..p.len() {
         let gi = g[i] * s.grad_scale;
         let mi = s.beta1 * m[i] + (1.0 - s.beta1) * gi;
@@ -200,7 +190,7 @@ impl AdamW {
         for (name, slot) in &mut self.slots {
             let Some(g) = grads.get(name) else { continue };
             let s = StepScalars {
-                lr: lr as f32,
+                step_size: lr as f32 / (1.0 - c.beta1.powi(t)) as f32,
                 beta1: c.beta1 as f32,
                 beta2: c.beta2 as f32,
                 eps: c.eps as f32,
@@ -209,7 +199,6 @@ impl AdamW {
                 } else {
                     1.0
                 },
-                bias_correction1: (1.0 - c.beta1.powi(t)) as f32,
                 bias_correction2_sqrt: (1.0 - c.beta2.powi(t)).sqrt() as f32,
                 grad_scale: grad_scale as f32,
             };
@@ -222,16 +211,7 @@ impl AdamW {
                         .with_context(|| format!("AdamW update of {name}"))?;
                 }
                 Moments::Device { m, v } if self.fused && cuda::applies(&g) => {
-                    let step = cuda::AdamWStep {
-                        step_size: s.lr / s.bias_correction1,
-                        beta1: s.beta1,
-                        beta2: s.beta2,
-                        eps: s.eps,
-                        decay_factor: s.decay_factor,
-                        bias_correction2_sqrt: s.bias_correction2_sqrt,
-                        grad_scale: s.grad_scale,
-                    };
-                    cuda::adamw(slot.var.as_tensor(), &g, m, v, step)
+                    cuda::adamw(slot.var.as_tensor(), &g, m, v, s)
                         .with_context(|| format!("AdamW update of {name}"))?;
                 }
                 Moments::Device { m, v } => {
@@ -240,8 +220,8 @@ impl AdamW {
                     *v = ((&*v * s.beta2 as f64)? + (g.sqr()? * (1.0 - s.beta2 as f64))?)?;
                     let denom = ((v.sqrt()? / s.bias_correction2_sqrt as f64)? + s.eps as f64)?;
                     let p = slot.var.as_tensor();
-                    let new = ((p * s.decay_factor as f64)?
-                        - ((&*m / denom)? * (s.lr / s.bias_correction1) as f64)?)?;
+                    let new =
+                        ((p * s.decay_factor as f64)? - ((&*m / denom)? * s.step_size as f64)?)?;
                     slot.var.set(&new)?;
                 }
             }

@@ -214,7 +214,7 @@ pub fn attention(
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }
 
-/// The AdamW step's scalars (as `train::optim` computes them).
+/// The AdamW step's scalars (`train::optim` computes them; its CPU update takes them too).
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWStep {
     pub step_size: f32,
