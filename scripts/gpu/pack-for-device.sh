@@ -20,8 +20,6 @@ if [ "${1:-}" = "--run" ]; then
   [ -f .gpubin/distil-gpu.gz ] || { echo "no .gpubin/distil-gpu.gz here: was .gpubin carried?" >&2; exit 1; }
   gunzip -c .gpubin/distil-gpu.gz > /tmp/distil-gpu
   chmod +x /tmp/distil-gpu
-  # The driver's libcuda, wherever the image keeps it.
-  export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}/usr/local/nvidia/lib64:/usr/local/nvidia/lib
   back=${OUT:-}
   status=0
   DISTIL_BIN=/tmp/distil-gpu OUT=target-cuda/gpu-checks PYTHONUNBUFFERED=1 \

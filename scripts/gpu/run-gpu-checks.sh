@@ -73,6 +73,10 @@ for root in $NVROOTS; do
     [ -d "$d" ] && LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   done
 done
+# The driver's libcuda, where NVIDIA's container images keep it outside the loader's path.
+for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib; do
+  [ -d "$d" ] && LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d
+done
 export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}
 [ -n "$NVROOTS" ] || echo "warning: $PY has no nvidia wheels (pip's torch); relying on the system's CUDA libraries" >&2
 
