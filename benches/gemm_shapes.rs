@@ -133,6 +133,11 @@ fn main() {
         .num_threads(threads)
         .build_global()
         .unwrap();
+    // As the training step runs them: on a rayon worker, the other workers spinning.
+    distil::util::threads::run_hot(|| run(base, threads, split_by.as_deref()));
+}
+
+fn run(base: bool, threads: usize, split_by: Option<&str>) {
     for sh in shapes(base) {
         let a: Vec<f32> = (0..sh.m * sh.k * sh.batch)
             .map(|i| (i % 7) as f32 * 0.1)
@@ -153,7 +158,7 @@ fn main() {
                         let (am, bm) = sh.mats(&a[j * ma..(j + 1) * ma], &b[j * mb..(j + 1) * mb]);
                         gemm(c, sh.n, am, bm, Acc::Overwrite, 1.0, 1)
                     });
-                } else if let Some(by) = split_by.as_deref().filter(|s| *s == "m" || *s == "n") {
+                } else if let Some(by) = split_by.filter(|s| *s == "m" || *s == "n") {
                     split(&sh, &a, &b, &mut c, threads, by == "m");
                 } else {
                     let (am, bm) = sh.mats(&a, &b);
