@@ -66,19 +66,8 @@ say() { echo "$@" | tee -a "$SUMMARY"; }
 
 [ -x "$BIN" ] || { echo "no binary at $BIN (build it with scripts/gpu/build-cuda.sh, or set DISTIL_BIN)" >&2; exit 1; }
 
-# CUDA 13 runtime libraries from the PyTorch install's wheels (nvidia/cu13/lib, nvidia/nccl/lib, ...).
-NVROOTS=$("$PY" -c 'import importlib.util as u; s = u.find_spec("nvidia"); print(" ".join(s.submodule_search_locations) if s else "")') || NVROOTS=""
-for root in $NVROOTS; do
-  for d in "$root"/*/lib; do
-    [ -d "$d" ] && LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-  done
-done
-# The driver's libcuda, where NVIDIA's container images keep it outside the loader's path.
-for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib; do
-  [ -d "$d" ] && LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d
-done
-export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}
-[ -n "$NVROOTS" ] || echo "warning: $PY has no nvidia wheels (pip's torch); relying on the system's CUDA libraries" >&2
+# CUDA 13 runtime libraries from the PyTorch install's wheels, and the driver's libcuda.
+source scripts/gpu/cuda-libs.sh
 
 GPU=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)
 case "$GPU" in

@@ -631,6 +631,8 @@ impl DeviceSpec {
                 }
                 let d = candle_core::Device::new_cuda(n)
                     .with_context(|| format!("cannot open CUDA device {n}"))?;
+                crate::model::cuda::keep_freed_memory(&d)
+                    .with_context(|| format!("configuring CUDA device {n}'s memory pool"))?;
                 open.push((n, d.clone()));
                 Ok(d)
             }

@@ -103,3 +103,31 @@ pub(super) fn out(dev: &CudaDevice, n: usize) -> CResult<CudaSlice<f32>> {
 pub(super) fn wrap(slice: CudaSlice<f32>, dev: &CudaDevice, shape: Shape) -> (CudaStorage, Shape) {
     (CudaStorage::wrap_cuda_slice(slice, dev.clone()), shape)
 }
+
+/// Sets the release threshold of `dev`'s default memory pool (the one candle's stream-ordered
+/// allocations come from) to "never": memory a step frees stays in the pool for the next
+/// step, as in PyTorch's caching allocator. At the driver's default, 0, every synchronisation
+/// (each step reads its loss) hands the step's memory back to the driver, and the next step
+/// maps it again.
+pub(super) fn keep_freed_memory(dev: &CudaDevice) -> CResult<()> {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let ctx = dev.cuda_stream().context().clone();
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    let fail = |what: &str, e: result::DriverError| err(format!("{what}: {e:?}"));
+    ctx.bind_to_thread()
+        .map_err(|e| fail("binding the CUDA context", e))?;
+    let mut never = u64::MAX;
+    // SAFETY: the device comes from the context; the attribute takes a u64 (cuMemPoolSetAttribute).
+    unsafe {
+        let pool = result::device::get_default_mem_pool(ctx.cu_device())
+            .map_err(|e| fail("getting the default memory pool", e))?;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut never as *mut u64 as *mut std::ffi::c_void,
+        )
+        .map_err(|e| fail("setting the memory pool's release threshold", e))
+    }
+}

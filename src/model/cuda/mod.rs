@@ -38,6 +38,22 @@ pub fn applies(t: &Tensor) -> bool {
     cfg!(feature = "cuda") && t.device().is_cuda() && t.dtype() == DType::F32
 }
 
+/// Keeps the device memory a training step frees for the next step instead of returning it
+/// to the driver at each synchronisation (see `launch::keep_freed_memory`); call it once
+/// when opening a CUDA device. A no-op on the CPU and in builds without the `cuda` feature.
+/// `DISTIL_CUDA_POOL=release` leaves the driver's default (for side-by-side measurements).
+pub fn keep_freed_memory(device: &candle_core::Device) -> Result<()> {
+    if std::env::var("DISTIL_CUDA_POOL").is_ok_and(|v| v == "release") {
+        return Ok(());
+    }
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = device {
+        launch::keep_freed_memory(d)?;
+    }
+    let _ = device;
+    Ok(())
+}
+
 /// Inverted dropout of `x` with probability `p` (0 < p < 1) under `seed` (draw it from the
 /// training RNG).
 pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {

@@ -1,0 +1,14 @@
+# Sourced by the GPU scripts: puts the CUDA 13 runtime libraries of a PyTorch install's wheels
+# (nvidia/cu13/lib, nvidia/nccl/lib, ...) and the driver's libcuda (where NVIDIA's container
+# images keep it outside the loader's path) on LD_LIBRARY_PATH. PY: the interpreter with torch.
+NVROOTS=$("${PY:-python3}" -c 'import importlib.util as u; s = u.find_spec("nvidia"); print(" ".join(s.submodule_search_locations) if s else "")') || NVROOTS=""
+for root in $NVROOTS; do
+  for d in "$root"/*/lib; do
+    [ -d "$d" ] && LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  done
+done
+for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib; do
+  [ -d "$d" ] && LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d
+done
+export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}
+[ -n "$NVROOTS" ] || echo "warning: ${PY:-python3} has no nvidia wheels (pip's torch); relying on the system's CUDA libraries" >&2
