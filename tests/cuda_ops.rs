@@ -328,3 +328,66 @@ fn ops_report_shape_errors() {
         .to_string();
     assert!(e.contains("additive key mask"), "{e}");
 }
+
+#[test]
+fn embedding_lookup_matches_index_select_and_sums_each_ids_gradient_in_a_fixed_order() {
+    // 300 tokens over a table of 50 rows: id 7 seventy times (three chunks of its run), ids
+    // 40..50 never (zero gradient rows), the rest scattered.
+    let ids: Vec<u32> = (0..300u64)
+        .map(|i| {
+            if i % 4 == 1 && i < 280 {
+                7
+            } else {
+                (splitmix64(i) % 40) as u32
+            }
+        })
+        .collect();
+    assert!(ids.iter().filter(|&&i| i == 7).count() > 2 * reference::EMBEDDING_CHUNK);
+    let ids_t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
+    check(
+        "embedding",
+        &[randn(&[50, 24], 31)],
+        |t| cuda::embedding(&t[0], &ids_t).unwrap(),
+        |t| t[0].index_select(&ids_t, 0).unwrap(),
+        1e-5,
+    );
+    // The plan: runs grouped by id, ascending, tokens in input order, chunks of at most 32.
+    let plan = reference::EmbeddingGradPlan::new(&ids, 50).unwrap();
+    assert_eq!(plan.order.len(), 300);
+    assert!(plan.order.windows(2).all(|w| {
+        let (a, b) = (ids[w[0] as usize], ids[w[1] as usize]);
+        a < b || (a == b && w[0] < w[1])
+    }));
+    assert!(plan
+        .begin
+        .windows(2)
+        .all(|w| w[1] > w[0] && w[1] - w[0] <= reference::EMBEDDING_CHUNK as u32));
+    let distinct: std::collections::BTreeSet<u32> = ids.iter().copied().collect();
+    assert_eq!(plan.uid, distinct.into_iter().collect::<Vec<_>>());
+    // Gradient rows of absent ids are zero.
+    let table = Var::from_tensor(&randn(&[50, 24], 31)).unwrap();
+    let y = cuda::embedding(table.as_tensor(), &ids_t).unwrap();
+    let g = probe(&y, 5).backward().unwrap();
+    let gt = g.get(&table).unwrap().to_vec2::<f32>().unwrap();
+    assert!(gt[40..].iter().all(|row| row.iter().all(|&v| v == 0.0)));
+    assert!(gt[7].iter().any(|&v| v != 0.0));
+}
+
+#[test]
+fn embedding_lookup_reports_an_id_outside_the_table() {
+    let ids = Tensor::new(&[1u32, 9, 3], &Device::Cpu).unwrap();
+    let table = Var::from_tensor(&randn(&[5, 4], 1)).unwrap();
+    let y = cuda::embedding(table.as_tensor(), &ids).unwrap();
+    // The lookup marks the row (NaN); the backward, which reads the ids, names the id.
+    assert!(y.get(1).unwrap().to_vec1::<f32>().unwrap()[0].is_nan());
+    let err = probe(&y, 2).backward().unwrap_err().to_string();
+    assert!(
+        err.contains("token id 9 is outside the embedding table of 5 rows"),
+        "{err}"
+    );
+    let bad = cuda::embedding(
+        table.as_tensor(),
+        &Tensor::new(&[1i64], &Device::Cpu).unwrap(),
+    );
+    assert!(bad.unwrap_err().to_string().contains("u32 ids"));
+}

@@ -4,7 +4,9 @@
 #
 #   scripts/gpu/bench-ab.sh "ENV_A" "ENV_B"
 #   scripts/gpu/bench-ab.sh "DISTIL_CUDA_POOL=keep" "DISTIL_CUDA_POOL=release"
+#   scripts/gpu/bench-ab.sh "DISTIL_BIN=/tmp/old/distil" "DISTIL_BIN=/tmp/distil-gpu"
 #
+# (DISTIL_BIN inside A or B picks that side's binary: two builds side by side.)
 # Each of ROUNDS rounds (default 2) runs A then B (B then A in even rounds) for each dtype in
 # DTYPES (default "bf16 f32") at each batch of BATCHES (default 256), SEQ 128; prints one
 # line per run: tokens/s and the parts' seconds. SHAPE (base), DEVICE (cuda:0); DISTIL_BIN (default target-cuda/real/distil-gpu,
@@ -18,8 +20,10 @@ BIN=${DISTIL_BIN:-target-cuda/real/distil-gpu}
 [ -x "$BIN" ] || { echo "no distil binary (set DISTIL_BIN)" >&2; exit 1; }
 source scripts/gpu/cuda-libs.sh
 one() { # env, dtype, batch
+  local bin=$BIN kv
+  for kv in $1; do case $kv in DISTIL_BIN=*) bin=${kv#DISTIL_BIN=} ;; esac; done
   # shellcheck disable=SC2086
-  env $1 timeout "${STEP_TIMEOUT:-180}" "$BIN" bench-step --shape "${SHAPE:-base}" --device "${DEVICE:-cuda:0}" --dtype "$2" \
+  env $1 timeout "${STEP_TIMEOUT:-180}" "$bin" bench-step --shape "${SHAPE:-base}" --device "${DEVICE:-cuda:0}" --dtype "$2" \
     --batch "$3" --seq "${SEQ:-128}" --peak-size 0 --parts 2>/tmp/bench-ab.err |
     "$PY" -c 'import json, sys; d = json.loads(sys.stdin.read()); p = d["parts"]
 print("%10.0f tok/s  " % d["tokens_per_s"] + "  ".join("%s %.4f" % kv for kv in sorted(p.items())))' \

@@ -252,7 +252,7 @@ impl Encoder {
     }
 
     /// `table[ids]`: the fused lookup (gradient into the sink, beside the tied decoder's)
-    /// when it can be, `index_select` otherwise.
+    /// when it can be, the CUDA lookup on a GPU, `index_select` otherwise.
     fn lookup(&self, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
         if self.use_fused(table)
             && fused::grads::GradSink::accepts(table)
@@ -260,6 +260,12 @@ impl Encoder {
             && ids.device().is_cpu()
         {
             return fused::embedding::lookup(table, &ids.to_vec1::<u32>()?, &self.sink);
+        }
+        if self.use_cuda(table)
+            && ids.dtype() == DType::U32
+            && ids.device().same_device(table.device())
+        {
+            return cuda::embedding(table, ids);
         }
         Ok(table.index_select(ids, 0)?)
     }

@@ -206,28 +206,61 @@ __device__ __forceinline__ float act_grad(float z, unsigned act) {
     }
 }
 
+// The pre-activation of a dense layer as f32: f32 as it is, bf16 (the product's own dtype
+// in bf16 training, kept instead of a cast pass) widened exactly.
+__device__ __forceinline__ float load_f(const float* p, u64 i) { return p[i]; }
+__device__ __forceinline__ float load_f(const unsigned short* p, u64 i) {
+    return __uint_as_float(((unsigned)p[i]) << 16);
+}
+
 // A dense layer's epilogue: y = dropout(act(pre + b)), pre = x . W^T from cuBLAS, [rows, cols].
-extern "C" __global__ void distil_bias_act(const float* pre, const float* b, float* y, u64 rows,
-                                           u64 cols, unsigned act, float p, u64 seed,
-                                           float scale) {
+template <typename P>
+__device__ __forceinline__ void bias_act(const P* pre, const float* b, float* y, u64 rows,
+                                         u64 cols, unsigned act, float p, u64 seed, float scale) {
     const u64 n = rows * cols;
     const u64 stride = (u64)blockDim.x * gridDim.x;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const float f = p > 0.0f ? keep_scale(seed, i, p, scale) : 1.0f;
-        y[i] = act_fwd(pre[i] + b[i % cols], act) * f;
+        y[i] = act_fwd(load_f(pre, i) + b[i % cols], act) * f;
     }
 }
 
+extern "C" __global__ void distil_bias_act(const float* pre, const float* b, float* y, u64 rows,
+                                           u64 cols, unsigned act, float p, u64 seed,
+                                           float scale) {
+    bias_act(pre, b, y, rows, cols, act, p, seed, scale);
+}
+
+extern "C" __global__ void distil_bias_act_bf16(const unsigned short* pre, const float* b,
+                                                float* y, u64 rows, u64 cols, unsigned act,
+                                                float p, u64 seed, float scale) {
+    bias_act(pre, b, y, rows, cols, act, p, seed, scale);
+}
+
 // Its backward to the pre-activation: gz = g * mask * act'(pre + b).
-extern "C" __global__ void distil_bias_act_bwd(const float* pre, const float* b, const float* g,
-                                               float* gz, u64 rows, u64 cols, unsigned act,
-                                               float p, u64 seed, float scale) {
+template <typename P>
+__device__ __forceinline__ void bias_act_bwd(const P* pre, const float* b, const float* g,
+                                             float* gz, u64 rows, u64 cols, unsigned act,
+                                             float p, u64 seed, float scale) {
     const u64 n = rows * cols;
     const u64 stride = (u64)blockDim.x * gridDim.x;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const float f = p > 0.0f ? keep_scale(seed, i, p, scale) : 1.0f;
-        gz[i] = g[i] * f * act_grad(pre[i] + b[i % cols], act);
+        gz[i] = g[i] * f * act_grad(load_f(pre, i) + b[i % cols], act);
     }
+}
+
+extern "C" __global__ void distil_bias_act_bwd(const float* pre, const float* b, const float* g,
+                                               float* gz, u64 rows, u64 cols, unsigned act,
+                                               float p, u64 seed, float scale) {
+    bias_act_bwd(pre, b, g, gz, rows, cols, act, p, seed, scale);
+}
+
+extern "C" __global__ void distil_bias_act_bwd_bf16(const unsigned short* pre, const float* b,
+                                                    const float* g, float* gz, u64 rows,
+                                                    u64 cols, unsigned act, float p, u64 seed,
+                                                    float scale) {
+    bias_act_bwd(pre, b, g, gz, rows, cols, act, p, seed, scale);
 }
 
 // Column sums by chunks of rows: partial is [chunks, cols] (sum it over chunks).
@@ -321,4 +354,41 @@ extern "C" __global__ void distil_adamw(float* p, const float* g, float* m, floa
         const float denom = sqrtf(vi) / bias_correction2_sqrt + eps;
         p[i] = p[i] * decay_factor - step_size * mi / denom;
     }
+}
+
+// y[i, :] = table[ids[i], :], the embedding lookup; NaN for an id outside the table (the
+// backward, which reads the ids on the host, reports it).
+extern "C" __global__ void distil_embedding(const float* table, const unsigned* ids, float* y,
+                                            u64 n, u64 h, u64 rows) {
+    const u64 stride = (u64)blockDim.x * gridDim.x;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n * h; i += stride) {
+        const u64 id = ids[i / h];
+        y[i] = id < rows ? table[id * h + i % h] : __int_as_float(0x7fc00000);
+    }
+}
+
+// The lookup's backward, in a fixed order (no atomics: every run sums alike). First,
+// partial[c, :] = the sum of g's rows order[begin[c]], ..., order[begin[c + 1] - 1] in turn:
+// chunk c, a run of at most 32 tokens with one id. Grid: chunks x column blocks.
+extern "C" __global__ void distil_embedding_bwd_chunks(const float* g, const unsigned* order,
+                                                       const unsigned* begin, float* partial,
+                                                       u64 h) {
+    const u64 c = blockIdx.x;
+    const u64 col = (u64)blockIdx.y * blockDim.x + threadIdx.x;
+    if (col >= h) return;
+    float s = 0.0f;
+    for (unsigned k = begin[c]; k < begin[c + 1]; ++k) s += g[(u64)order[k] * h + col];
+    partial[c * h + col] = s;
+}
+
+// Then dt[uid[u], :] = the sum of id u's chunks ubegin[u], ..., ubegin[u + 1] - 1 in turn
+// (dt zero elsewhere). Grid: ids present x column blocks.
+extern "C" __global__ void distil_embedding_bwd_rows(const float* partial, const unsigned* uid,
+                                                     const unsigned* ubegin, float* dt, u64 h) {
+    const u64 u = blockIdx.x;
+    const u64 col = (u64)blockIdx.y * blockDim.x + threadIdx.x;
+    if (col >= h) return;
+    float s = 0.0f;
+    for (unsigned c = ubegin[u]; c < ubegin[u + 1]; ++c) s += partial[(u64)c * h + col];
+    dt[(u64)uid[u] * h + col] = s;
 }

@@ -54,6 +54,25 @@ pub fn keep_freed_memory(device: &candle_core::Device) -> Result<()> {
     Ok(())
 }
 
+/// `table[ids]`: rows of `table` `[rows, h]` for `ids` (`u32`, 1-d, on the table's device),
+/// `[ids, h]`; the table's gradient is summed per id in a fixed order (the same bits every
+/// run, on the CPU twin too), without candle's single-block `index_add`.
+pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (_, h) = table.dims2()?;
+    if ids.rank() != 1 || ids.dtype() != DType::U32 || h == 0 {
+        bail!(
+            "embedding: expected 1-d u32 ids and a [rows, hidden] table, got {:?} {:?} and {:?}",
+            ids.dims(),
+            ids.dtype(),
+            table.dims()
+        );
+    }
+    let op = ops::Embedding {
+        ids: ids.contiguous()?,
+    };
+    Ok(table.contiguous()?.apply_op1(op)?)
+}
+
 /// Inverted dropout of `x` with probability `p` (0 < p < 1) under `seed` (draw it from the
 /// training RNG).
 pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
@@ -131,14 +150,20 @@ pub fn linear(
         );
     }
     let rows = x.elem_count() / in_f.max(1);
-    // The product, outside the graph: the node's backward computes its gradients.
-    let pre = x
-        .detach()
-        .reshape((rows, in_f))?
-        .to_dtype(compute)?
-        .matmul(&w.detach().to_dtype(compute)?.t()?)?
-        .to_dtype(DType::F32)?
-        .contiguous()?;
+    // The product, outside the graph: the node's backward computes its gradients. In bf16 it
+    // stays bf16 (the epilogue widens it as it reads), and the bf16 copies of x and W are
+    // kept for the backward's products.
+    let (xc, wc) = (
+        x.detach().reshape((rows, in_f))?.to_dtype(compute)?,
+        w.detach().to_dtype(compute)?,
+    );
+    let pre = xc.matmul(&wc.t()?)?;
+    let pre = if compute == DType::BF16 {
+        pre.contiguous()?
+    } else {
+        pre.to_dtype(DType::F32)?.contiguous()?
+    };
+    let low = (compute != DType::F32).then_some((xc, wc));
     let (p, seed) = dropout.filter(|&(p, _)| p > 0.0).unwrap_or((0.0, 0));
     let op = ops::Dense {
         pre,
@@ -151,6 +176,7 @@ pub fn linear(
         p,
         seed,
         compute,
+        low,
     };
     Ok(x.contiguous()?
         .apply_op3(&w.contiguous()?, &b.contiguous()?, op)?)
@@ -179,13 +205,10 @@ pub fn attention(
         );
     }
     let scale = 1.0 / ((h / heads) as f32).sqrt();
-    let [qh, kh, vh] = [q, k, v].map(|t| ops::split_heads(&t.detach(), heads));
-    let (qh, kh, vh) = (qh?, kh?, vh?);
     let c = compute;
-    let scores = qh
-        .to_dtype(c)?
-        .matmul(&kh.to_dtype(c)?.t()?)?
-        .to_dtype(DType::F32)?;
+    let [qh, kh, vh] = [q, k, v].map(|t| ops::split_heads(&t.detach(), heads, c));
+    let (qh, kh, vh) = (qh?, kh?, vh?);
+    let scores = qh.matmul(&kh.t()?)?.to_dtype(DType::F32)?;
     let mask = match mask {
         Some(m) if m.elem_count() != b * s => bail!(
             "attention: an additive key mask {:?} for {b} sequences of {s} (want [{b}, 1, 1, {s}])",
@@ -209,13 +232,7 @@ pub fn attention(
         Some(d) => probs.apply_op1_no_bwd(d)?,
         None => probs.clone(),
     };
-    let ctx = probs_d
-        .to_dtype(c)?
-        .matmul(&vh.to_dtype(c)?)?
-        .to_dtype(DType::F32)?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((b, s, h))?;
+    let ctx = ops::merge_heads(&probs_d.to_dtype(c)?.matmul(&vh)?)?;
     let op = ops::Attention {
         ctx,
         qh,

@@ -262,3 +262,123 @@ pub fn cross_entropy_bwd(x: &[f32], targets: &[f32], g: &[f32], cols: usize) -> 
     }
     dx
 }
+
+/// Tokens a chunk of the embedding gradient's first pass sums (`distil_embedding_bwd_chunks`).
+pub const EMBEDDING_CHUNK: usize = 32;
+
+/// The fixed order in which the embedding lookup's backward sums the rows' gradients: the
+/// tokens grouped by id (ids ascending, each id's tokens in input order), each id's run cut
+/// into chunks of at most [`EMBEDDING_CHUNK`] tokens; a chunk's tokens are summed in turn,
+/// then an id's chunks in turn. The same on the CPU and the GPU, so both give the same bits.
+#[derive(Debug, Clone)]
+pub struct EmbeddingGradPlan {
+    /// Token indices, grouped by id.
+    pub order: Vec<u32>,
+    /// Chunk `c` is `order[begin[c]..begin[c + 1]]`.
+    pub begin: Vec<u32>,
+    /// The ids present, ascending.
+    pub uid: Vec<u32>,
+    /// Id `uid[u]`'s chunks are `ubegin[u]..ubegin[u + 1]`.
+    pub ubegin: Vec<u32>,
+}
+
+impl EmbeddingGradPlan {
+    /// The plan for `ids` into a table of `rows` rows; an error names an id outside it.
+    pub fn new(ids: &[u32], rows: usize) -> Result<Self, String> {
+        if ids.len() >= u32::MAX as usize {
+            return Err(format!(
+                "{} token ids exceed one embedding lookup",
+                ids.len()
+            ));
+        }
+        let mut count = vec![0u32; rows];
+        for &id in ids {
+            match count.get_mut(id as usize) {
+                Some(c) => *c += 1,
+                None => {
+                    return Err(format!(
+                        "token id {id} is outside the embedding table of {rows} rows"
+                    ))
+                }
+            }
+        }
+        // Counting sort: where each id's run starts, then the tokens placed in input order.
+        let mut start = Vec::with_capacity(rows);
+        let mut at = 0u32;
+        for &c in &count {
+            start.push(at);
+            at += c;
+        }
+        let mut order = vec![0u32; ids.len()];
+        let mut next = start.clone();
+        for (i, &id) in ids.iter().enumerate() {
+            order[next[id as usize] as usize] = i as u32;
+            next[id as usize] += 1;
+        }
+        let (mut begin, mut uid, mut ubegin) = (Vec::new(), Vec::new(), Vec::new());
+        for (id, (&c, &s)) in count.iter().zip(&start).enumerate() {
+            if c == 0 {
+                continue;
+            }
+            uid.push(id as u32);
+            ubegin.push(begin.len() as u32);
+            for k in (s..s + c).step_by(EMBEDDING_CHUNK) {
+                begin.push(k);
+            }
+        }
+        begin.push(ids.len() as u32);
+        ubegin.push((begin.len() - 1) as u32);
+        Ok(EmbeddingGradPlan {
+            order,
+            begin,
+            uid,
+            ubegin,
+        })
+    }
+
+    pub fn chunks(&self) -> usize {
+        self.begin.len() - 1
+    }
+}
+
+/// `table[ids]` for a table of rows of `h` (`distil_embedding`).
+pub fn embedding(table: &[f32], ids: &[u32], h: usize) -> Vec<f32> {
+    let rows = table.len() / h.max(1);
+    let mut y = Vec::with_capacity(ids.len() * h);
+    for &id in ids {
+        let id = id as usize;
+        if id < rows {
+            y.extend_from_slice(&table[id * h..(id + 1) * h]);
+        } else {
+            y.extend(std::iter::repeat_n(f32::NAN, h));
+        }
+    }
+    y
+}
+
+/// The table's gradient `[rows, h]` from the rows' gradient `g` `[ids, h]`, summed in `plan`'s
+/// order (`distil_embedding_bwd_chunks`, then `distil_embedding_bwd_rows`).
+pub fn embedding_grad(g: &[f32], plan: &EmbeddingGradPlan, rows: usize, h: usize) -> Vec<f32> {
+    let mut partial = vec![0f32; plan.chunks() * h];
+    for (c, p) in partial.chunks_mut(h.max(1)).enumerate() {
+        for k in plan.begin[c]..plan.begin[c + 1] {
+            let t = plan.order[k as usize] as usize;
+            for (s, &v) in p.iter_mut().zip(&g[t * h..(t + 1) * h]) {
+                *s += v;
+            }
+        }
+    }
+    let mut dt = vec![0f32; rows * h];
+    for (u, &id) in plan.uid.iter().enumerate() {
+        let row = &mut dt[id as usize * h..(id as usize + 1) * h];
+        for c in plan.ubegin[u]..plan.ubegin[u + 1] {
+            for (s, &v) in row
+                .iter_mut()
+                .zip(&partial[c as usize * h..(c as usize + 1) * h])
+            {
+                *s += v;
+            }
+        }
+    }
+    dt
+}
