@@ -390,4 +390,7 @@ fn embedding_lookup_reports_an_id_outside_the_table() {
         &Tensor::new(&[1i64], &Device::Cpu).unwrap(),
     );
     assert!(bad.unwrap_err().to_string().contains("u32 ids"));
+    let none = Tensor::zeros(0, DType::U32, &Device::Cpu).unwrap();
+    let empty = cuda::embedding(table.as_tensor(), &none).unwrap();
+    assert_eq!(empty.dims(), &[0, 4]);
 }

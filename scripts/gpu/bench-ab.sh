@@ -16,18 +16,20 @@ cd "$(dirname "$0")/../.."
 [ $# -eq 2 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
 PY=${PYTHON:-python3}
 BIN=${DISTIL_BIN:-target-cuda/real/distil-gpu}
-[ -x "$BIN" ] || BIN=/tmp/distil-gpu
-[ -x "$BIN" ] || { echo "no distil binary (set DISTIL_BIN)" >&2; exit 1; }
+[ -n "${DISTIL_BIN:-}" ] || [ -x "$BIN" ] || BIN=/tmp/distil-gpu
 source scripts/gpu/cuda-libs.sh
+ERR=$(mktemp)
+trap 'rm -f "$ERR"' EXIT
 one() { # env, dtype, batch
   local bin=$BIN kv
   for kv in $1; do case $kv in DISTIL_BIN=*) bin=${kv#DISTIL_BIN=} ;; esac; done
+  [ -x "$bin" ] || { echo "no distil binary at $bin (set DISTIL_BIN)"; return; }
   # shellcheck disable=SC2086
   env $1 timeout "${STEP_TIMEOUT:-180}" "$bin" bench-step --shape "${SHAPE:-base}" --device "${DEVICE:-cuda:0}" --dtype "$2" \
-    --batch "$3" --seq "${SEQ:-128}" --peak-size 0 --parts 2>/tmp/bench-ab.err |
+    --batch "$3" --seq "${SEQ:-128}" --peak-size 0 --parts 2>"$ERR" |
     "$PY" -c 'import json, sys; d = json.loads(sys.stdin.read()); p = d["parts"]
 print("%10.0f tok/s  " % d["tokens_per_s"] + "  ".join("%s %.4f" % kv for kv in sorted(p.items())))' \
-    || echo "failed: $(tail -2 /tmp/bench-ab.err)"
+    2>/dev/null || echo "failed: $(tail -2 "$ERR")"
 }
 for r in $(seq "${ROUNDS:-2}"); do
   for bs in ${BATCHES:-256}; do

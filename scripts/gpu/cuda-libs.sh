@@ -4,11 +4,11 @@
 NVROOTS=$("${PY:-python3}" -c 'import importlib.util as u; s = u.find_spec("nvidia"); print(" ".join(s.submodule_search_locations) if s else "")') || NVROOTS=""
 for root in $NVROOTS; do
   for d in "$root"/*/lib; do
-    [ -d "$d" ] && LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    if [ -d "$d" ]; then LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}; fi
   done
 done
 for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib; do
-  [ -d "$d" ] && LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d
+  if [ -d "$d" ]; then LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d; fi
 done
 export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}
 [ -n "$NVROOTS" ] || echo "warning: ${PY:-python3} has no nvidia wheels (pip's torch); relying on the system's CUDA libraries" >&2

@@ -67,6 +67,16 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
             table.dims()
         );
     }
+    if !ids.device().same_device(table.device()) {
+        bail!(
+            "embedding: the ids are on {:?}, the table on {:?}",
+            ids.device(),
+            table.device()
+        );
+    }
+    if ids.elem_count() == 0 {
+        return Ok(Tensor::zeros((0, h), table.dtype(), table.device())?);
+    }
     let op = ops::Embedding {
         ids: ids.contiguous()?,
     };
