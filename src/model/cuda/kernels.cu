@@ -60,27 +60,48 @@ extern "C" __global__ void distil_softmax(const float* x, float* y, u64 rows, u6
     for (u64 j = lane; j < cols; j += 32) yr[j] *= inv;
 }
 
+// A value as f32: f32 as it is, bf16 (a product's own dtype in bf16 training, read instead of
+// a cast pass) widened exactly.
+__device__ __forceinline__ float load_f(const float* p, u64 i) { return p[i]; }
+__device__ __forceinline__ float load_f(const unsigned short* p, u64 i) {
+    return __uint_as_float(((unsigned)p[i]) << 16);
+}
+
 // Attention probabilities: softmax of x * scale + mask over each row of `cols` keys, where
 // rows come `rows_per_batch` (heads x queries) a sequence and mask is the additive key mask,
 // `cols` values a sequence.
-extern "C" __global__ void distil_attention_softmax(const float* x, const float* mask, float* y,
-                                                    u64 rows, u64 cols, u64 rows_per_batch,
-                                                    float scale) {
+template <typename X>
+__device__ __forceinline__ void attention_softmax(const X* x, const float* mask, float* y,
+                                                  u64 rows, u64 cols, u64 rows_per_batch,
+                                                  float scale) {
     ROW_OR_RETURN
-    const float* xr = x + row * cols;
+    const X* xr = x + row * cols;
     const float* mr = mask + (row / rows_per_batch) * cols;
     float* yr = y + row * cols;
     float m = __int_as_float(0xff800000);
-    for (u64 j = lane; j < cols; j += 32) m = fmaxf(m, xr[j] * scale + mr[j]);
+    for (u64 j = lane; j < cols; j += 32) m = fmaxf(m, load_f(xr, j) * scale + mr[j]);
     m = warp_max(m);
     float s = 0.0f;
     for (u64 j = lane; j < cols; j += 32) {
-        const float e = expf(xr[j] * scale + mr[j] - m);
+        const float e = expf(load_f(xr, j) * scale + mr[j] - m);
         yr[j] = e;
         s += e;
     }
     const float inv = 1.0f / warp_sum(s);
     for (u64 j = lane; j < cols; j += 32) yr[j] *= inv;
+}
+
+extern "C" __global__ void distil_attention_softmax(const float* x, const float* mask, float* y,
+                                                    u64 rows, u64 cols, u64 rows_per_batch,
+                                                    float scale) {
+    attention_softmax(x, mask, y, rows, cols, rows_per_batch, scale);
+}
+
+extern "C" __global__ void distil_attention_softmax_bf16(const unsigned short* x,
+                                                         const float* mask, float* y, u64 rows,
+                                                         u64 cols, u64 rows_per_batch,
+                                                         float scale) {
+    attention_softmax(x, mask, y, rows, cols, rows_per_batch, scale);
 }
 
 // dx = scale * y * (g - sum(g * y)) for softmax output y (of scaled input) and its gradient g.
@@ -204,13 +225,6 @@ __device__ __forceinline__ float act_grad(float z, unsigned act) {
     case 3: return z > 0.0f ? 1.0f : 0.0f;
     default: return 1.0f;
     }
-}
-
-// The pre-activation of a dense layer as f32: f32 as it is, bf16 (the product's own dtype
-// in bf16 training, kept instead of a cast pass) widened exactly.
-__device__ __forceinline__ float load_f(const float* p, u64 i) { return p[i]; }
-__device__ __forceinline__ float load_f(const unsigned short* p, u64 i) {
-    return __uint_as_float(((unsigned)p[i]) << 16);
 }
 
 // A dense layer's epilogue: y = dropout(act(pre + b)), pre = x . W^T from cuBLAS, [rows, cols].

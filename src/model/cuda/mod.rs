@@ -218,7 +218,12 @@ pub fn attention(
     let c = compute;
     let [qh, kh, vh] = [q, k, v].map(|t| ops::split_heads(&t.detach(), heads, c));
     let (qh, kh, vh) = (qh?, kh?, vh?);
-    let scores = qh.matmul(&kh.t()?)?.to_dtype(DType::F32)?;
+    // In bf16 the softmax kernel reads the product's bf16 scores as they are (no cast pass).
+    let scores = qh.matmul(&kh.t()?)?;
+    let scores = match scores.dtype() {
+        DType::F32 | DType::BF16 => scores.contiguous()?,
+        _ => scores.to_dtype(DType::F32)?,
+    };
     let mask = match mask {
         Some(m) if m.elem_count() != b * s => bail!(
             "attention: an additive key mask {:?} for {b} sequences of {s} (want [{b}, 1, 1, {s}])",

@@ -35,9 +35,9 @@ fn host(t: &Tensor) -> Res<Vec<f32>> {
     t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
 }
 
-/// A dense layer's pre-activation on the host as f32: f32 or bf16 (the product's dtype in
-/// bf16 training, see [`Dense`]).
-fn pre_host<'a>(
+/// A storage's elements on the host as f32: f32, or bf16 widened (a product's own dtype in
+/// bf16 training, which the epilogue and attention-softmax kernels read as it is).
+fn widened<'a>(
     s: &'a CpuStorage,
     l: &Layout,
     op: &'static str,
@@ -46,7 +46,7 @@ fn pre_host<'a>(
         CpuStorage::BF16(v) => {
             let (a, b) = l
                 .contiguous_offsets()
-                .ok_or_else(|| msg(format!("{op}: the pre-activation must be contiguous")))?;
+                .ok_or_else(|| msg(format!("{op}: the fused kernels take contiguous tensors")))?;
             Ok(v[a..b].iter().map(|x| x.to_f32()).collect())
         }
         _ => Ok(cpu_slice(s, l, op)?.into()),
@@ -196,22 +196,38 @@ impl CustomOp1 for Softmax {
         "cuda-softmax"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Res<(CpuStorage, Shape)> {
-        let x = cpu_slice(s, l, self.name())?;
+        let x = widened(s, l, self.name())?;
         let (_, cols) = rows_cols(l)?;
         let per = self.rows_per_batch(l)?;
         let mask = self.mask.as_ref().map(host).transpose()?;
-        let y = r::softmax(x, cols, mask.as_deref(), per, self.scale);
+        let y = r::softmax(&x, cols, mask.as_deref(), per, self.scale);
         Ok((cpu_out(y), l.shape().clone()))
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> CResult<(CudaStorage, Shape)> {
         let dev = s.device();
-        let x = view(s, l, self.name())?;
         let (rows, cols) = rows_cols(l)?;
         let per = self.rows_per_batch(l)? as u64;
         let y = out(dev, rows * cols)?;
         match &self.mask {
+            // Attention scores straight from a bf16 product, widened as they are read.
+            Some(m) if s.dtype() == DType::BF16 => {
+                let (a, b) = l
+                    .contiguous_offsets()
+                    .ok_or_else(|| msg(format!("{}: non-contiguous scores", self.name())))?;
+                let x = s.as_cuda_slice::<half::bf16>()?.slice(a..b);
+                let (ms, ml) = m.storage_and_layout();
+                let mask = view_of(&ms, ml, self.name())?;
+                launch!(
+                    dev,
+                    "distil_attention_softmax_bf16",
+                    row_grid(rows)?,
+                    [&x, &mask, &y],
+                    [rows as u64, cols as u64, per, self.scale]
+                );
+            }
             Some(m) => {
+                let x = view(s, l, self.name())?;
                 let (ms, ml) = m.storage_and_layout();
                 let mask = view_of(&ms, ml, self.name())?;
                 launch!(
@@ -223,6 +239,7 @@ impl CustomOp1 for Softmax {
                 );
             }
             None => {
+                let x = view(s, l, self.name())?;
                 launch!(
                     dev,
                     "distil_softmax",
@@ -689,7 +706,7 @@ impl CustomOp2 for BiasActBwd {
         gl: &Layout,
     ) -> Res<(CpuStorage, Shape)> {
         let (pre, g) = (
-            pre_host(ps, pl, self.name())?,
+            widened(ps, pl, self.name())?,
             cpu_slice(gs, gl, self.name())?,
         );
         let gz = r::bias_act_bwd(
