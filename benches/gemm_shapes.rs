@@ -4,10 +4,13 @@
 //! ```text
 //! cargo bench --bench gemm_shapes -- [small|base] [threads]
 //! ```
-//! Each line: name, m×k×n, operand layouts, GFLOP/s (best of 5 repeats of ~0.2 s).
+//! Each line: name, m×k×n, operand layouts, GFLOP/s (best of 5 repeats of ~0.2 s), run as
+//! the training step runs its products: on a rayon worker, the pool's other workers spinning
+//! (`distil::util::threads::run_hot`).
 //! `SPLIT=n` (or `m`) runs each single product as one unthreaded product per thread over a
-//! block of columns (rows) instead of through gemm's own threading: how
-//! `distil::model::fused::gemm` chose to split transposed-B products by columns.
+//! block of columns (rows); `SPLIT=none` through gemm's own threading. Without `SPLIT`, as
+//! `distil::model::fused::gemm` runs it: products of at least 256 columns a thread split by
+//! columns, the others on gemm's threading.
 use distil::model::fused::gemm::{gemm, Acc, Mat};
 use rayon::prelude::*;
 use std::time::Instant;
