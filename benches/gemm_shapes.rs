@@ -8,9 +8,9 @@
 //! the training step runs its products: on a rayon worker, the pool's other workers spinning
 //! (`distil::util::threads::run_hot`).
 //! `SPLIT=n` (or `m`) runs each single product as one unthreaded product per thread over a
-//! block of columns (rows); `SPLIT=none` through gemm's own threading. Without `SPLIT`, as
-//! `distil::model::fused::gemm` runs it: products of at least 256 columns a thread split by
-//! columns, the others on gemm's threading.
+//! block of columns (rows). Without `SPLIT`, as `distil::model::fused::gemm` runs it:
+//! products of at least 256 columns a thread split by columns, the others on gemm's own
+//! threading.
 use distil::model::fused::gemm::{gemm, Acc, Mat};
 use rayon::prelude::*;
 use std::time::Instant;
