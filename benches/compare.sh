@@ -22,6 +22,8 @@
 #   BATCH   (8; small distill: 16)
 #   PYTHON  interpreter with torch + transformers (default: ../venv/bin/python,
 #           ./venv/bin/python, then python3)
+#   TORCH_MALLOC (tuned)  `default` runs PyTorch with glibc's malloc defaults instead of the
+#           settings distil uses for itself (no mmap for large blocks, no trimming, one arena)
 #   OUT     where the JSON lines go (default: target/bench-compare/SHAPE-MODE-THREADS[-no-optim])
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -107,7 +109,14 @@ timed() { # name command...: one run, its JSON line and the other processes' CPU
     echo >>"$out/$name.others"
 }
 run_ours() { timed distil "$exe" "${common[@]}" "${extra[@]}"; }
-run_torch() { timed pytorch "$PYTHON" benches/torch_step.py "${common[@]}" --peak "${extra[@]}"; }
+# PyTorch gets the allocator settings distil gives itself (src/util/alloc.rs): large blocks
+# kept on the heap instead of mapped and unmapped each step. With glibc's defaults its
+# backward paid page faults for every gradient buffer and varied from 0.65 to 1.17 s a
+# BERT-base distillation step between hosts and hours (0.64-0.79 s with these). TORCH_MALLOC=default
+# runs it with glibc's defaults.
+torch_env=(MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 MALLOC_ARENA_MAX=1)
+if [[ ${TORCH_MALLOC:-tuned} == default ]]; then torch_env=(); fi
+run_torch() { timed pytorch env "${torch_env[@]}" "$PYTHON" benches/torch_step.py "${common[@]}" --peak "${extra[@]}"; }
 for ((r = 1; r <= rounds; r++)); do
     echo "round $r/$rounds: $shape $mode, $threads threads" >&2
     if ((r % 2)); then run_ours; run_torch; else run_torch; run_ours; fi
@@ -115,6 +124,7 @@ done
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 others=$(others_since "$busy0" "$own0" "$t0")
 
+echo "PyTorch malloc settings: ${torch_env[*]:-glibc defaults}"
 "$PYTHON" - "$out" "$load_before" "$load_after" "$others" <<'EOF'
 import json, statistics, sys
 
