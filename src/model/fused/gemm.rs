@@ -186,7 +186,7 @@ mod tests {
     #[test]
     fn split_by_columns_matches_a_plain_product() {
         // n = 1100 columns over 2 threads: the column-block path (blocks of 560 and 540),
-        // B stored transposed and row-major, into a column block of a wider destination,
+        // for x·Wᵀ, g·W and gᵀ·x layouts, into a column block of a wider destination,
         // overwriting and then accumulating.
         let (m, k, n, rs) = (37, 29, 1100, 1107);
         let a: Vec<f32> = (0..m * k)
@@ -195,8 +195,12 @@ mod tests {
         let w: Vec<f32> = (0..n * k)
             .map(|i| ((i * 5) % 11) as f32 * 0.1 - 0.5)
             .collect();
-        let am = Mat::rm(&a, m, k);
-        for bm in [Mat::rm(&w, n, k).t(), Mat::rm(&w, k, n)] {
+        let layouts = [
+            (Mat::rm(&a, m, k), Mat::rm(&w, n, k).t()),
+            (Mat::rm(&a, m, k), Mat::rm(&w, k, n)),
+            (Mat::rm(&a, k, m).t(), Mat::rm(&w, k, n)),
+        ];
+        for (am, bm) in layouts {
             let want = naive(am, bm);
             let mut dst = vec![7f32; (m - 1) * rs + n + 3];
             for (acc, factor) in [(Acc::Overwrite, 1.0), (Acc::Add, 2.0)] {
