@@ -9,15 +9,15 @@
 # (DISTIL_BIN inside A or B picks that side's binary: two builds side by side.)
 # Each of ROUNDS rounds (default 2) runs A then B (B then A in even rounds) for each dtype in
 # DTYPES (default "bf16 f32") at each batch of BATCHES (default 256), SEQ 128; prints one
-# line per run: tokens/s and the parts' seconds. SHAPE (base), DEVICE (cuda:0); DISTIL_BIN (default target-cuda/real/distil-gpu,
-# or /tmp/distil-gpu when pack-for-device.sh unpacked it), PYTHON as in run-gpu-checks.sh.
+# line per run: tokens/s and the parts' seconds. SHAPE (base), DEVICE (cuda:0); DISTIL_BIN
+# (default: target-cuda/real/distil-gpu, else .gpubin/distil-gpu.gz unpacked to /tmp/distil-gpu),
+# PYTHON as in run-gpu-checks.sh.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 [ $# -eq 2 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
 PY=${PYTHON:-python3}
-BIN=${DISTIL_BIN:-target-cuda/real/distil-gpu}
-[ -n "${DISTIL_BIN:-}" ] || [ -x "$BIN" ] || BIN=/tmp/distil-gpu
 source scripts/gpu/cuda-libs.sh
+BIN=$(distil_bin)
 ERR=$(mktemp)
 trap 'rm -f "$ERR"' EXIT
 one() { # env, dtype, batch

@@ -12,3 +12,15 @@ for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib; do
 done
 export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}
 [ -n "$NVROOTS" ] || echo "warning: ${PY:-python3} has no nvidia wheels (pip's torch); relying on the system's CUDA libraries" >&2
+
+# The CUDA build of distil to run: DISTIL_BIN when set; else target-cuda/real/distil-gpu (built
+# here by build-cuda.sh), else /tmp/distil-gpu, unpacked from .gpubin/distil-gpu.gz (what
+# pack-for-device.sh packs for a GPU machine) when it is not there yet. Prints the path.
+distil_bin() {
+  if [ -n "${DISTIL_BIN:-}" ]; then echo "$DISTIL_BIN"; return; fi
+  if [ -x target-cuda/real/distil-gpu ]; then echo target-cuda/real/distil-gpu; return; fi
+  if [ ! -x /tmp/distil-gpu ] && [ -f .gpubin/distil-gpu.gz ]; then
+    gunzip -c .gpubin/distil-gpu.gz > /tmp/distil-gpu && chmod +x /tmp/distil-gpu
+  fi
+  echo /tmp/distil-gpu
+}
