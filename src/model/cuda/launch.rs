@@ -1,7 +1,7 @@
 //! Compiling `kernels.cu` with NVRTC and launching its kernels on candle's CUDA stream.
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
-use candle_core::cuda_backend::CudaDevice;
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{CudaStorage, Layout, Shape, Storage};
 use std::sync::OnceLock;
 
@@ -80,16 +80,34 @@ pub(super) fn column_grid(cols: usize, chunks: usize) -> (u32, u32) {
 
 /// A contiguous `f32` view of a CUDA storage.
 pub(super) fn view<'a>(s: &'a CudaStorage, l: &Layout, op: &str) -> CResult<CudaView<'a, f32>> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| err(format!("{op}: the CUDA kernels take contiguous tensors")))?;
-    Ok(s.as_cuda_slice::<f32>()?.slice(a..b))
+    typed_view(s, l, op)
 }
 
 /// [`view`] of a tensor's storage held by the op (`storage_and_layout`'s guard).
 pub(super) fn view_of<'a>(s: &'a Storage, l: &Layout, op: &str) -> CResult<CudaView<'a, f32>> {
+    typed_view_of(s, l, op)
+}
+
+/// [`view`] with elements of type `T` (bf16 products, u32 ids).
+pub(super) fn typed_view<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    op: &str,
+) -> CResult<CudaView<'a, T>> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| err(format!("{op}: the CUDA kernels take contiguous tensors")))?;
+    Ok(s.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+/// [`view_of`] with elements of type `T`.
+pub(super) fn typed_view_of<'a, T: CudaDType>(
+    s: &'a Storage,
+    l: &Layout,
+    op: &str,
+) -> CResult<CudaView<'a, T>> {
     match s {
-        Storage::Cuda(s) => view(s, l, op),
+        Storage::Cuda(s) => typed_view(s, l, op),
         _ => Err(err(format!("{op}: a tensor it holds is not on the GPU"))),
     }
 }

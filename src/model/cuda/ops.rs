@@ -8,7 +8,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Sh
 
 #[cfg(feature = "cuda")]
 use super::launch::{
-    column_grid, elementwise_grid, launch, out, row_grid, view, view_of, wrap, CResult,
+    column_grid, elementwise_grid, launch, out, row_grid, typed_view, typed_view_of, view, view_of,
+    wrap, CResult,
 };
 #[cfg(feature = "cuda")]
 use candle_core::backend::BackendStorage;
@@ -59,7 +60,7 @@ fn widened<'a>(
 #[allow(clippy::too_many_arguments)]
 fn launch_epilogue(
     dev: &candle_core::cuda_backend::CudaDevice,
-    name: &'static str,
+    name: &str,
     pre: (&CudaStorage, &Layout),
     rest: &[&candle_core::cuda_backend::cudarc::driver::CudaView<f32>],
     out_buf: &candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
@@ -68,9 +69,6 @@ fn launch_epilogue(
     scalars: (u32, f32, u64, f32),
 ) -> CResult<()> {
     let (ps, pl) = pre;
-    let (a, b) = pl
-        .contiguous_offsets()
-        .ok_or_else(|| msg(format!("{name}: the pre-activation must be contiguous")))?;
     let (act, p, seed, scale) = scalars;
     macro_rules! go {
         ($kernel:expr, $pre:expr) => {
@@ -95,17 +93,15 @@ fn launch_epilogue(
     }
     match ps.dtype() {
         DType::F32 => {
-            let v = ps.as_cuda_slice::<f32>()?.slice(a..b);
+            let v = typed_view::<f32>(ps, pl, name)?;
             go!(name, &v)
         }
         DType::BF16 => {
-            let v = ps.as_cuda_slice::<half::bf16>()?.slice(a..b);
-            let kernel: &'static str = match name {
-                "distil_bias_act" => "distil_bias_act_bf16",
-                "distil_bias_act_bwd" => "distil_bias_act_bwd_bf16",
-                _ => return Err(msg(format!("{name} has no bf16 variant"))),
-            };
-            go!(kernel, &v)
+            let (v, kernel) = (
+                typed_view::<half::bf16>(ps, pl, name)?,
+                format!("{name}_bf16"),
+            );
+            go!(&kernel, &v)
         }
         dt => return Err(msg(format!("{name}: a {dt:?} pre-activation"))),
     }
@@ -212,10 +208,7 @@ impl CustomOp1 for Softmax {
         match &self.mask {
             // Attention scores straight from a bf16 product, widened as they are read.
             Some(m) if s.dtype() == DType::BF16 => {
-                let (a, b) = l
-                    .contiguous_offsets()
-                    .ok_or_else(|| msg(format!("{}: non-contiguous scores", self.name())))?;
-                let x = s.as_cuda_slice::<half::bf16>()?.slice(a..b);
+                let x = typed_view::<half::bf16>(s, l, self.name())?;
                 let (ms, ml) = m.storage_and_layout();
                 let mask = view_of(&ms, ml, self.name())?;
                 launch!(
@@ -1094,15 +1087,7 @@ impl CustomOp1 for Embedding {
         let (rows, h) = l.shape().dims2()?;
         let n = self.ids.elem_count();
         let (is, il) = self.ids.storage_and_layout();
-        let ids = match &*is {
-            candle_core::Storage::Cuda(c) => {
-                let (a, b) = il
-                    .contiguous_offsets()
-                    .ok_or_else(|| msg("cuda-embedding: the ids must be contiguous".into()))?;
-                c.as_cuda_slice::<u32>()?.slice(a..b)
-            }
-            _ => return Err(msg("cuda-embedding: the ids are not on the GPU".into())),
-        };
+        let ids = typed_view_of::<u32>(&is, il, self.name())?;
         let y = out(dev, n * h)?;
         launch!(
             dev,
