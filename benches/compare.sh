@@ -115,7 +115,11 @@ run_ours() { timed distil "$exe" "${common[@]}" "${extra[@]}"; }
 # BERT-base distillation step between hosts and hours (0.64-0.79 s with these). TORCH_MALLOC=default
 # runs it with glibc's defaults.
 torch_env=(MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 MALLOC_ARENA_MAX=1)
-if [[ ${TORCH_MALLOC:-tuned} == default ]]; then torch_env=(); fi
+case ${TORCH_MALLOC:-tuned} in
+    tuned) ;;
+    default) torch_env=() ;;
+    *) echo "TORCH_MALLOC must be tuned or default, not '$TORCH_MALLOC'" >&2; exit 2 ;;
+esac
 run_torch() { timed pytorch env "${torch_env[@]}" "$PYTHON" benches/torch_step.py "${common[@]}" --peak "${extra[@]}"; }
 for ((r = 1; r <= rounds; r++)); do
     echo "round $r/$rounds: $shape $mode, $threads threads" >&2

@@ -41,10 +41,13 @@ pub fn applies(t: &Tensor) -> bool {
 /// Keeps the device memory a training step frees for the next step instead of returning it
 /// to the driver at each synchronisation (see `launch::keep_freed_memory`); call it once
 /// when opening a CUDA device. A no-op on the CPU and in builds without the `cuda` feature.
-/// `DISTIL_CUDA_POOL=release` leaves the driver's default (for side-by-side measurements).
+/// `DISTIL_CUDA_POOL=release` leaves the driver's default (for side-by-side measurements);
+/// `keep` (or unset) is the default.
 pub fn keep_freed_memory(device: &candle_core::Device) -> Result<()> {
-    if std::env::var("DISTIL_CUDA_POOL").is_ok_and(|v| v == "release") {
-        return Ok(());
+    match std::env::var("DISTIL_CUDA_POOL").as_deref() {
+        Err(_) | Ok("keep") => {}
+        Ok("release") => return Ok(()),
+        Ok(other) => bail!("DISTIL_CUDA_POOL must be keep or release, not '{other}'"),
     }
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(d) = device {
@@ -140,7 +143,8 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 
 /// The dense layer `dropout(act(x · Wᵀ + b))` as one graph node, for `x` `[.., in]`, `w`
 /// `[out, in]`, `b` `[out]`: the products in `compute` (mixed precision: inputs cast to it,
-/// products cast back to f32, as [`super::ops::matmul_in`]); dropout with probability
+/// products cast back to f32, as [`super::ops::matmul_in`], except the forward's bf16
+/// product, which the epilogue kernel reads as it is); dropout with probability
 /// `dropout.0` under seed `dropout.1` when given.
 pub fn linear(
     x: &Tensor,
