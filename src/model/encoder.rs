@@ -62,6 +62,8 @@ struct Block {
     intermediate: Linear,
     output: Linear,
     out_norm: LayerNorm,
+    /// The frozen layer's weights transposed for the CPU forward, made on first use.
+    transposed: std::sync::OnceLock<Arc<fused::block::Transposed>>,
 }
 
 impl Block {
@@ -78,6 +80,7 @@ impl Block {
             intermediate: lin(&self.intermediate)?,
             output: lin(&self.output)?,
             out_norm: norm(&self.out_norm),
+            transposed: None,
         })
     }
 }
@@ -157,6 +160,7 @@ impl Encoder {
                     intermediate: lin(&format!("{p}.intermediate.dense"))?,
                     output: lin(&format!("{p}.output.dense"))?,
                     out_norm: norm(&format!("{p}.output.LayerNorm"))?,
+                    transposed: Default::default(),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -481,7 +485,17 @@ impl Encoder {
         let (nh, hd) = (cfg.num_heads, cfg.head_dim());
         if let AttentionMask::Keys(key_mask) = mask {
             let weights = self.layer_kernel.then(|| blk.layer_weights()).flatten();
-            if let Some(weights) = weights.filter(|w| w.fusable()) {
+            if let Some(mut weights) = weights.filter(|w| w.fusable()) {
+                if weights.frozen() {
+                    let t = match blk.transposed.get() {
+                        Some(t) => t.clone(),
+                        None => {
+                            let t = Arc::new(fused::block::Transposed::of(&weights)?);
+                            blk.transposed.get_or_init(|| t).clone()
+                        }
+                    };
+                    weights.transposed = Some(t);
+                }
                 // The masks in the order the per-op path draws them.
                 let mut draw = |n: usize, p: f32| match rng.as_deref_mut() {
                     Some(r) if p > 0.0 => Some(Mask::draw(r, n, p)),

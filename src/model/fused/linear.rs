@@ -62,11 +62,11 @@ impl LinearOp {
             }
         };
         if self.act.is_some() && self.keep {
-            let act = forward_kept(&mut y, x, w, b, rows, inp, out, post);
+            let act = forward_kept(&mut y, x, weight_t(w, inp, out), b, rows, post);
             *self.pre.lock().unwrap() = Some(y);
             act
         } else {
-            forward_then(&mut y, out, x, w, b, rows, inp, out, post);
+            forward_then(&mut y, out, x, weight_t(w, inp, out), b, rows, post);
             y
         }
     }
@@ -198,24 +198,26 @@ impl CustomOp1 for SinkLinearOp {
 /// index, rows)` on each chunk of whole rows (of [`rows_per_chunk`] rows) in the same parallel
 /// pass that adds the bias, while they are in cache. gemm writes the product and the pass adds
 /// the bias: writing the bias first and letting gemm accumulate made gemm read every output
-/// tile back from memory, which was slower.
+/// tile back from memory, which was slower. `wt` is `Wᵀ` `[inp, out]`: [`weight_t`] of the
+/// checkpoint's `[out, inp]` (a stride swap), or a transpose stored as such (frozen layers,
+/// see [`super::block::Transposed`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_then(
     y: &mut [f32],
     y_rs: usize,
     x: &[f32],
-    w: &[f32],
+    wt: Mat,
     b: &[f32],
     rows: usize,
-    inp: usize,
-    out: usize,
     post: impl Fn(usize, &mut [f32]) + Sync,
 ) {
+    let (inp, out) = (wt.rows, wt.cols);
+    debug_assert_eq!(b.len(), out);
     gemm(
         y,
         y_rs,
         Mat::rm(x, rows, inp),
-        Mat::rm(w, out, inp).t(),
+        wt,
         Acc::Overwrite,
         1.0,
         threads(),
@@ -233,23 +235,27 @@ pub(crate) fn forward_then(
 pub(crate) fn forward_kept(
     pre: &mut [f32],
     x: &[f32],
-    w: &[f32],
+    wt: Mat,
     b: &[f32],
     rows: usize,
-    inp: usize,
-    out: usize,
     post: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
+    let out = wt.cols;
     let mut y = uninit(rows * out);
     let per = rows_per_chunk(rows) * out;
     let dst = SharedMut::new(&mut y);
-    forward_then(pre, out, x, w, b, rows, inp, out, |i, c| {
+    forward_then(pre, out, x, wt, b, rows, |i, c| {
         // Safety: chunk `i` of `y` (as long as chunk `i` of `pre`) is this task's alone.
         let o = unsafe { std::slice::from_raw_parts_mut(dst.at(i * per), c.len()) };
         o.copy_from_slice(c);
         post(i, o);
     });
     y
+}
+
+/// `Wᵀ` `[inp, out]` as a view of the checkpoint's `W` `[out, inp]` (strides swapped).
+pub(crate) fn weight_t(w: &[f32], inp: usize, out: usize) -> Mat<'_> {
+    Mat::rm(w, out, inp).t()
 }
 
 /// `row[..b.len()] += b` for each row of `c` (rows `rs` apart).
