@@ -4,7 +4,8 @@
 //! ```text
 //! cargo bench --bench gemm_shapes -- [small|base] [threads]
 //! ```
-//! Each line: name, m×k×n, operand layouts, GFLOP/s (best of 5 repeats of ~0.2 s), run as
+//! Each line: name, m×k×n, operand layouts (`Bᵀ`: B is a transposed view, as a linear's
+//! `W` `[out, in]` is in `x·Wᵀ`; `B`: stored row-major), GFLOP/s (best of 5 repeats of ~0.2 s), run as
 //! the training step runs its products: on a rayon worker, the pool's other workers spinning
 //! (`distil::util::threads::run_hot`).
 //! `SPLIT=n` (or `m`) runs each single product as one unthreaded product per thread over a
@@ -51,6 +52,12 @@ fn shapes(base: bool) -> Vec<Shape> {
         sh("attn-out fwd", rows, h, h, false, true, 1),
         sh("ffn-in fwd", rows, h, i, false, true, 1),
         sh("ffn-out fwd", rows, i, h, false, true, 1),
+        // The forward products with the weight stored transposed, [in, out] (a frozen
+        // teacher's layout, `distil::model::fused::block::Transposed`).
+        sh("qkv fwd, Wᵀ st.", rows, h, 3 * h, false, false, 1),
+        sh("attn-out fwd, Wᵀ st.", rows, h, h, false, false, 1),
+        sh("ffn-in fwd, Wᵀ st.", rows, h, i, false, false, 1),
+        sh("ffn-out fwd, Wᵀ st.", rows, i, h, false, false, 1),
         sh("ffn-in dx", rows, i, h, false, false, 1),
         sh("ffn-out dx", rows, h, i, false, false, 1),
         sh("ffn-in dW", i, rows, h, true, false, 1),

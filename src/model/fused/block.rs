@@ -54,7 +54,7 @@ pub struct LayerWeights {
 /// three projections are one product writing the `[rows, 3h]` buffer, and their biases
 /// `[3h]`). gemm multiplies a row-major right operand faster than a transposed view of one:
 /// 364 -> 402 GFLOP/s on BERT-base's attention output projection, 371 -> 405 on the FFN
-/// output, 5-10% on the others (`benches/gemm_shapes.rs`, `LAYOUT=both`). The teacher's
+/// output, 2-8% on the others (`benches/gemm_shapes.rs`, the "Wᵀ st." lines). The teacher's
 /// forward is most of a distillation step's frozen work, so an encoder whose layers do not
 /// train builds these once (one more copy of the layers' weights: +340 MB for BERT-base).
 pub struct Transposed {
