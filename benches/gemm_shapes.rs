@@ -8,6 +8,9 @@
 //! `W` `[out, in]` is in `x·Wᵀ`; `B`: stored row-major), GFLOP/s (best of 5 repeats of ~0.2 s), run as
 //! the training step runs its products: on a rayon worker, the pool's other workers spinning
 //! (`distil::util::threads::run_hot`).
+//! `FLUSH=a`, `b`, `c` or a mix (`abc`) flushes those operands from the caches with
+//! `clflush` between repetitions (untimed): cold A, B and C together cost 3-7% on BERT-base
+//! shapes, where `FLUSH=1` (below) also leaves the caches full of dirty lines.
 //! `SPLIT=n` (or `m`) runs each single product as one unthreaded product per thread over a
 //! block of columns (rows). `FLUSH=1` writes a 256 MiB buffer between repetitions (untimed),
 //! so that the operands come from memory as a step's weights do (3-6% slower on BERT-base
@@ -133,6 +136,21 @@ fn split(sh: &Shape, a: &[f32], b: &[f32], c: &mut [f32], threads: usize, by_row
     });
 }
 
+/// Evicts `buf` from every cache level (clflush on each 64-byte line, then a fence).
+fn flush_lines(buf: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        for line in buf.chunks(16) {
+            // Safety: the pointer is inside `buf`; clflush only evicts.
+            unsafe { std::arch::x86_64::_mm_clflush(line.as_ptr() as *const u8) };
+        }
+        // Safety: a fence has no operands.
+        unsafe { std::arch::x86_64::_mm_mfence() };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = buf;
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -150,7 +168,11 @@ fn main() {
 }
 
 fn run(base: bool, threads: usize, split_by: Option<&str>) {
-    let flush = std::env::var_os("FLUSH").is_some();
+    // FLUSH=1: a 256 MiB write between repetitions; FLUSH=a, b, c or any mix (abc): those
+    // operands' cache lines flushed with clflush (clean evictions, nothing else disturbed).
+    let flush_env = std::env::var("FLUSH").unwrap_or_default();
+    let flush = flush_env == "1";
+    let clflush = |op: char| !flush && flush_env.contains(op);
     let mut evict = vec![1u8; if flush { 256 << 20 } else { 0 }];
     for sh in shapes(base) {
         let a: Vec<f32> = (0..sh.m * sh.k * sh.batch)
@@ -176,6 +198,13 @@ fn run(base: bool, threads: usize, split_by: Option<&str>) {
                     }
                     flushing += t.elapsed().as_secs_f64();
                 }
+                let t = Instant::now();
+                for (op, buf) in [('a', &a[..]), ('b', &b[..]), ('c', &c[..])] {
+                    if clflush(op) {
+                        flush_lines(buf);
+                    }
+                }
+                flushing += t.elapsed().as_secs_f64();
                 if sh.batch > 1 {
                     let (ma, mb, mc) = (sh.m * sh.k, sh.k * sh.n, sh.m * sh.n);
                     c.par_chunks_mut(mc).enumerate().for_each(|(j, c)| {
