@@ -205,6 +205,43 @@ fn dense_layer_and_attention_in_half_precision_stay_close_to_f32() {
 }
 
 #[test]
+fn dense_layer_reads_a_shared_low_precision_copy_of_its_input() {
+    // The q, k and v projections share one bf16 copy of x: the same values and gradients as
+    // each layer casting x itself.
+    let inputs = [
+        randn(&[4, 8, 64], 31),
+        (randn(&[32, 64], 32) * 0.1).unwrap(),
+        randn(&[32], 33),
+    ];
+    let dt = DType::BF16;
+    check(
+        "dense from a shared bf16 copy",
+        &inputs,
+        |t| {
+            let xl = t[0]
+                .detach()
+                .reshape((32, 64))
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            cuda::linear_from(&t[0], Some(xl), &t[1], &t[2], None, None, dt).unwrap()
+        },
+        |t| cuda::linear(&t[0], &t[1], &t[2], None, None, dt).unwrap(),
+        1e-6,
+    );
+    // A copy of another shape or dtype is refused, not multiplied.
+    for xl in [
+        inputs[0].reshape((16, 128)).unwrap().to_dtype(dt).unwrap(),
+        inputs[0].reshape((32, 64)).unwrap(),
+    ] {
+        let err = cuda::linear_from(&inputs[0], Some(xl), &inputs[1], &inputs[2], None, None, dt)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected BF16 [32, 64]"), "{err}");
+    }
+}
+
+#[test]
 fn attention_matches_the_composed_attention() {
     let (b, s, h, nh) = (2usize, 6usize, 32usize, 4usize);
     // The second sequence has two padding positions.

@@ -307,6 +307,30 @@ impl Encoder {
         self.drop(&y, p, rng)
     }
 
+    /// The attention's q, k and v projections of `x`. On a GPU in mixed precision the three
+    /// share one low-precision copy of `x` (one cast instead of three, and one copy kept for
+    /// their backward).
+    fn qkv(&self, blk: &Block, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let lins = [&blk.query, &blk.key, &blk.value];
+        if self.use_cuda(x) && self.compute != DType::F32 && lins.iter().all(|l| l.bias.is_some()) {
+            let inp = blk.query.weight.dim(1)?;
+            let xl = x
+                .detach()
+                .reshape((x.elem_count() / inp.max(1), inp))?
+                .to_dtype(self.compute)?;
+            let [q, k, v] = lins.map(|l| {
+                let b = l.bias.as_ref().expect("checked above");
+                cuda::linear_from(x, Some(xl.clone()), &l.weight, b, None, None, self.compute)
+            });
+            return Ok((q?, k?, v?));
+        }
+        Ok((
+            self.dense(&blk.query, x, None, 0.0, None)?,
+            self.dense(&blk.key, x, None, 0.0, None)?,
+            self.dense(&blk.value, x, None, 0.0, None)?,
+        ))
+    }
+
     fn norm(&self, n: &LayerNorm, x: &Tensor) -> Result<Tensor> {
         if self.use_fused(x) {
             return fused::layer_norm::layer_norm(x, &n.weight, &n.bias, n.eps);
@@ -519,9 +543,7 @@ impl Encoder {
                 return Ok((y, None));
             }
         }
-        let q = self.dense(&blk.query, x, None, 0.0, None)?;
-        let k = self.dense(&blk.key, x, None, 0.0, None)?;
-        let v = self.dense(&blk.value, x, None, 0.0, None)?;
+        let (q, k, v) = self.qkv(blk, x)?;
         let (ctx, probs) = match mask {
             AttentionMask::Keys(key_mask) => {
                 let drop = match rng.as_deref_mut() {

@@ -154,6 +154,22 @@ pub fn linear(
     dropout: Option<(f32, u64)>,
     compute: DType,
 ) -> Result<Tensor> {
+    linear_from(x, None, w, b, act, dropout, compute)
+}
+
+/// [`linear`] with `x` already in the compute dtype: `x_low` is `x` detached, as
+/// `[rows, in]`, cast to `compute` (a bf16 / f16 copy several layers share: the attention's
+/// q, k and v projections read the same `x`, and one cast serves the three products and
+/// their backward). `None` casts `x` here.
+pub fn linear_from(
+    x: &Tensor,
+    x_low: Option<Tensor>,
+    w: &Tensor,
+    b: &Tensor,
+    act: Option<Activation>,
+    dropout: Option<(f32, u64)>,
+    compute: DType,
+) -> Result<Tensor> {
     let (out_f, in_f) = w.dims2()?;
     if x.dims().last() != Some(&in_f) || b.elem_count() != out_f {
         bail!(
@@ -167,10 +183,17 @@ pub fn linear(
     // The product, outside the graph: the node's backward computes its gradients. In bf16 it
     // stays bf16 (the epilogue widens it as it reads), and the bf16 copies of x and W are
     // kept for the backward's products.
-    let (xc, wc) = (
-        x.detach().reshape((rows, in_f))?.to_dtype(compute)?,
-        w.detach().to_dtype(compute)?,
-    );
+    let xc = match x_low {
+        Some(xl) if xl.dims() == [rows, in_f] && xl.dtype() == compute => xl,
+        Some(xl) => bail!(
+            "dense layer: the input's {compute:?} copy is {:?} {:?}, expected {:?} [{rows}, {in_f}]",
+            xl.dtype(),
+            xl.dims(),
+            compute
+        ),
+        None => x.detach().reshape((rows, in_f))?.to_dtype(compute)?,
+    };
+    let wc = w.detach().to_dtype(compute)?;
     let pre = xc.matmul(&wc.t()?)?;
     let pre = if compute == DType::BF16 {
         pre.contiguous()?
