@@ -1165,8 +1165,8 @@ impl CustomOp1 for Heads {
         let dims = self.dims(l)?;
         let (b, s, nh, d) = dims;
         let n = b * s * nh * d;
-        let args = [s as u32, nh as u32, d as u32, n as u32];
-        let (a0, a1, a2, a3) = (args[0], args[1], args[2], args[3]);
+        // u32 index math in the kernels (`Heads::fits` checked n).
+        let (a0, a1, a2, a3) = (s as u32, nh as u32, d as u32, n as u32);
         let storage = if self.split {
             let x = view(st, l, self.name())?;
             // SAFETY: the kernel writes every element.
