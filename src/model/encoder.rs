@@ -312,17 +312,19 @@ impl Encoder {
     /// their backward).
     fn qkv(&self, blk: &Block, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let lins = [&blk.query, &blk.key, &blk.value];
-        if self.use_cuda(x) && self.compute != DType::F32 && lins.iter().all(|l| l.bias.is_some()) {
+        let biases = lins.map(|l| l.bias.as_ref());
+        if let (true, [Some(bq), Some(bk), Some(bv)]) =
+            (self.use_cuda(x) && self.compute != DType::F32, biases)
+        {
             let inp = blk.query.weight.dim(1)?;
             let xl = x
                 .detach()
                 .reshape((x.elem_count() / inp.max(1), inp))?
                 .to_dtype(self.compute)?;
-            let [q, k, v] = lins.map(|l| {
-                let b = l.bias.as_ref().expect("checked above");
+            let one = |l: &Linear, b: &Tensor| {
                 cuda::linear_from(x, Some(xl.clone()), &l.weight, b, None, None, self.compute)
-            });
-            return Ok((q?, k?, v?));
+            };
+            return Ok((one(lins[0], bq)?, one(lins[1], bk)?, one(lins[2], bv)?));
         }
         Ok((
             self.dense(&blk.query, x, None, 0.0, None)?,

@@ -382,3 +382,33 @@ pub fn embedding_grad(g: &[f32], plan: &EmbeddingGradPlan, rows: usize, h: usize
     }
     dt
 }
+
+/// Where element `i` of `[b, nh, s, d]` sits in `[b, s, nh, d]` (and back, `to_heads` false:
+/// element `i` of `[b, s, nh, d]` in `[b, nh, s, d]`), as `distil_split_heads_bf16` and
+/// `distil_merge_heads_bf16` index.
+fn heads_source(i: usize, (s, nh, d): (usize, usize, usize), to_heads: bool) -> usize {
+    let (di, t) = (i % d, i / d);
+    if to_heads {
+        let (si, t2) = (t % s, t / s);
+        let (hi, bi) = (t2 % nh, t2 / nh);
+        ((bi * s + si) * nh + hi) * d + di
+    } else {
+        let (hi, t2) = (t % nh, t / nh);
+        let (si, bi) = (t2 % s, t2 / s);
+        ((bi * nh + hi) * s + si) * d + di
+    }
+}
+
+/// `[b, s, nh · d]` f32 -> `[b, nh, s, d]` bf16 (`distil_split_heads_bf16`).
+pub fn split_heads_bf16(x: &[f32], s: usize, nh: usize, d: usize) -> Vec<half::bf16> {
+    (0..x.len())
+        .map(|i| half::bf16::from_f32(x[heads_source(i, (s, nh, d), true)]))
+        .collect()
+}
+
+/// `[b, nh, s, d]` bf16 -> `[b, s, nh · d]` f32 (`distil_merge_heads_bf16`).
+pub fn merge_heads_bf16(x: &[half::bf16], s: usize, nh: usize, d: usize) -> Vec<f32> {
+    (0..x.len())
+        .map(|i| x[heads_source(i, (s, nh, d), false)].to_f32())
+        .collect()
+}

@@ -108,6 +108,13 @@ fn wt<'a>(stored: Option<&'a [f32]>, w: &'a [f32], inp: usize, out: usize) -> Ma
 /// over blocks of `dst`'s rows.
 fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32], dst_rs: usize) {
     const B: usize = 64;
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(
+        src.len() >= rows * cols && dst_rs >= rows && dst.len() >= (cols - 1) * dst_rs + rows,
+        "transpose: buffers too short for [{rows}, {cols}]"
+    );
     let d = SharedMut::new(dst);
     (0..cols.div_ceil(B)).into_par_iter().for_each(|jb| {
         for i0 in (0..rows).step_by(B) {
