@@ -171,6 +171,10 @@ fn run(base: bool, threads: usize, split_by: Option<&str>) {
     // FLUSH=1: a 256 MiB write between repetitions; FLUSH=a, b, c or any mix (abc): those
     // operands' cache lines flushed with clflush (clean evictions, nothing else disturbed).
     let flush_env = std::env::var("FLUSH").unwrap_or_default();
+    if flush_env != "1" && !flush_env.chars().all(|c| "abc".contains(c)) {
+        eprintln!("FLUSH must be 1 or letters of abc (the operands to evict), not '{flush_env}'");
+        std::process::exit(2);
+    }
     let flush = flush_env == "1";
     let clflush = |op: char| !flush && flush_env.contains(op);
     let mut evict = vec![1u8; if flush { 256 << 20 } else { 0 }];
