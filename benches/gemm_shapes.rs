@@ -11,6 +11,9 @@
 //! `FLUSH=a`, `b`, `c` or a mix (`abc`) flushes those operands from the caches with
 //! `clflush` between repetitions (untimed): cold A, B and C together cost 3-7% on BERT-base
 //! shapes, where `FLUSH=1` (below) also leaves the caches full of dirty lines.
+//! `IMPL=crate` or `IMPL=packed` (with `SPLIT`) runs each unthreaded product through the gemm
+//! crate or through `distil::model::fused::packed` (our packing over gemm's microkernel) instead
+//! of distil's own choice: the two side by side in one hour.
 //! `SPLIT=n` (or `m`) runs each single product as one unthreaded product per thread over a
 //! block of columns (rows). `FLUSH=1` writes a 256 MiB buffer between repetitions (untimed),
 //! so that the operands come from memory as a step's weights do (3-6% slower on BERT-base
@@ -92,9 +95,66 @@ impl Shape {
     }
 }
 
+/// Which implementation runs each unthreaded product under `SPLIT` (`IMPL`): distil's
+/// choice, the gemm crate, or distil's own packing over gemm's microkernel
+/// (`distil::model::fused::packed`).
+#[derive(Clone, Copy, PartialEq)]
+enum Impl {
+    Auto,
+    Crate,
+    Packed,
+}
+
+/// `c (m × n, row stride rs) = a · b` on this thread, by `imp`.
+unsafe fn one(c: *mut f32, rs: usize, a: Mat, b: Mat, imp: Impl) {
+    match imp {
+        Impl::Auto => distil::model::fused::gemm::gemm_raw(
+            c,
+            rs,
+            a.rows,
+            b.cols,
+            a,
+            b,
+            Acc::Overwrite,
+            1.0,
+            1,
+        ),
+        Impl::Packed => distil::model::fused::packed::gemm(c, rs, a, b, Acc::Overwrite, 1.0, None),
+        Impl::Crate => gemm::gemm(
+            a.rows,
+            b.cols,
+            a.cols,
+            c,
+            1,
+            rs as isize,
+            false,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        ),
+    }
+}
+
 /// The product as one unthreaded product per thread, over blocks of rows (`by_rows`) or of
 /// columns.
-fn split(sh: &Shape, a: &[f32], b: &[f32], c: &mut [f32], threads: usize, by_rows: bool) {
+fn split(
+    sh: &Shape,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    threads: usize,
+    by_rows: bool,
+    imp: Impl,
+) {
     let (am, bm) = sh.mats(a, b);
     let per = (if by_rows { sh.m } else { sh.n }).div_ceil(threads);
     let c = c.as_mut_ptr() as usize;
@@ -120,19 +180,7 @@ fn split(sh: &Shape, a: &[f32], b: &[f32], c: &mut [f32], threads: usize, by_row
             (am, bm, lo)
         };
         // Safety: this task's block of rows or columns of `c` is its alone.
-        unsafe {
-            distil::model::fused::gemm::gemm_raw(
-                (c as *mut f32).add(offset),
-                sh.n,
-                am.rows,
-                bm.cols,
-                am,
-                bm,
-                Acc::Overwrite,
-                1.0,
-                1,
-            )
-        }
+        unsafe { one((c as *mut f32).add(offset), sh.n, am, bm, imp) }
     });
 }
 
@@ -176,6 +224,23 @@ fn run(base: bool, threads: usize, split_by: Option<&str>) {
         std::process::exit(2);
     }
     let flush = flush_env == "1";
+    let imp = match std::env::var("IMPL").unwrap_or_default().as_str() {
+        "" | "auto" => Impl::Auto,
+        "crate" => Impl::Crate,
+        "packed" if distil::model::fused::packed::available() => Impl::Packed,
+        "packed" => {
+            eprintln!("IMPL=packed needs AVX-512, which this CPU lacks");
+            std::process::exit(2);
+        }
+        other => {
+            eprintln!("IMPL must be auto, crate or packed, not '{other}'");
+            std::process::exit(2);
+        }
+    };
+    if imp != Impl::Auto && split_by.is_none() {
+        eprintln!("IMPL applies to the SPLIT=n or SPLIT=m products; set SPLIT too");
+        std::process::exit(2);
+    }
     let clflush = |op: char| !flush && flush_env.contains(op);
     let mut evict = vec![1u8; if flush { 256 << 20 } else { 0 }];
     for sh in shapes(base) {
@@ -216,7 +281,7 @@ fn run(base: bool, threads: usize, split_by: Option<&str>) {
                         gemm(c, sh.n, am, bm, Acc::Overwrite, 1.0, 1)
                     });
                 } else if let Some(by) = split_by.filter(|s| *s == "m" || *s == "n") {
-                    split(&sh, &a, &b, &mut c, threads, by == "m");
+                    split(&sh, &a, &b, &mut c, threads, by == "m", imp);
                 } else {
                     let (am, bm) = sh.mats(&a, &b);
                     gemm(&mut c, sh.n, am, bm, Acc::Overwrite, 1.0, threads);

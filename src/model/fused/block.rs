@@ -27,7 +27,7 @@ use super::grads::GradSink;
 use super::layer_norm::{backward_all, forward_all};
 use super::linear::{backward_into, forward_kept, forward_then, weight_t};
 use super::math::{act_grad_mul, act_slice};
-use super::{copy_then, cpu_out, cpu_slice, rows_per_chunk, tensor, uninit, Read, SharedMut};
+use super::{copy_then, cpu_out, cpu_slice, tensor, uninit, Read, SharedMut};
 use crate::model::config::Activation;
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
@@ -222,12 +222,12 @@ fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> candle_core
     Ok(f(&slices))
 }
 
-/// A `forward_then` pass applying `mask` (the dropout of an output `[rows, h]`, in chunks of
-/// `per` elements of whole rows), when there is one.
-fn dropout(mask: Option<&Mask>, per: usize) -> impl Fn(usize, &mut [f32]) + Sync + '_ {
-    move |i, c| {
+/// A `forward_then` step applying `mask` (the dropout of an output `[rows, h]`) to a piece of
+/// a row, when there is one.
+fn dropout(mask: Option<&Mask>, h: usize) -> impl Fn(usize, usize, &mut [f32]) + Sync + '_ {
+    move |row, c0, c| {
         if let Some(m) = mask {
-            m.apply(c, i * per)
+            m.apply(c, row * h + c0)
         }
     }
 }
@@ -322,7 +322,7 @@ impl CustomOp1 for LayerOp {
                     Mat::rm(&t.qkv, h, 3 * h),
                     &t.qkv_bias,
                     rows,
-                    |_, _| {},
+                    |_, _, _| {},
                 );
             } else {
                 for (j, (w, b)) in [(wq, bq), (wk, bk), (wv, bv)].into_iter().enumerate() {
@@ -333,7 +333,7 @@ impl CustomOp1 for LayerOp {
                         weight_t(w, h, h),
                         b,
                         rows,
-                        |_, _| {},
+                        |_, _, _| {},
                     );
                 }
             }
@@ -349,8 +349,7 @@ impl CustomOp1 for LayerOp {
                 self.keep,
             );
             let mut a_d = uninit(rows * h);
-            // Dropout of a [rows, h] output in the bias pass (chunks of whole rows).
-            let per_h = rows_per_chunk(rows) * h;
+            // Dropout of a [rows, h] output with the bias, piece by piece.
             forward_then(
                 &mut a_d,
                 h,
@@ -358,7 +357,7 @@ impl CustomOp1 for LayerOp {
                 wt(t.map(|t| &t.attn_out[..]), wo, h, h),
                 bo,
                 rows,
-                dropout(self.masks.attn_out.as_ref(), per_h),
+                dropout(self.masks.attn_out.as_ref(), h),
             );
             let a = forward_all(&a_d, Some(x), g1, be1, self.eps);
             // The bias and the activation in one pass after the product; the pre-activation
@@ -366,9 +365,11 @@ impl CustomOp1 for LayerOp {
             let mut i_pre = uninit(rows * f);
             let w1t = wt(t.map(|t| &t.intermediate[..]), w1, h, f);
             let i = if self.keep {
-                forward_kept(&mut i_pre, &a, w1t, b1, rows, |_, c| act_slice(self.act, c))
+                forward_kept(&mut i_pre, &a, w1t, b1, rows, |_, _, c| {
+                    act_slice(self.act, c)
+                })
             } else {
-                forward_then(&mut i_pre, f, &a, w1t, b1, rows, |_, c| {
+                forward_then(&mut i_pre, f, &a, w1t, b1, rows, |_, _, c| {
                     act_slice(self.act, c)
                 });
                 std::mem::take(&mut i_pre)
@@ -381,7 +382,7 @@ impl CustomOp1 for LayerOp {
                 wt(t.map(|t| &t.output[..]), w2, f, h),
                 b2,
                 rows,
-                dropout(self.masks.output.as_ref(), per_h),
+                dropout(self.masks.output.as_ref(), h),
             );
             let y = forward_all(&o_d, Some(&a), g2, be2, self.eps);
             if let Some(probs) = probs {
@@ -436,24 +437,46 @@ impl CustomOp1 for LayerOp {
                     let (mut da, dg2, dbe2) = backward_all(&o_d, Some(&a), dy, g2, self.eps);
                     let d_o = masked_copy(&da, self.masks.output.as_ref());
                     // FFN out: di = do·W₂, then through the activation.
+                    // di is multiplied by act'(pre) piece by piece as the product finishes it.
                     let mut di = uninit(rows * f);
-                    let (dw2, db2) =
-                        backward_into(&d_o, h, &i, w2, rows, f, h, &mut di, Acc::Overwrite);
+                    let act_grad = |row: usize, c0: usize, g: &mut [f32]| {
+                        let at = row * f + c0;
+                        act_grad_mul(self.act, g, &i_pre[at..at + g.len()])
+                    };
+                    let (dw2, db2) = backward_into(
+                        &d_o,
+                        h,
+                        &i,
+                        w2,
+                        rows,
+                        f,
+                        h,
+                        &mut di,
+                        Acc::Overwrite,
+                        Some(&act_grad),
+                    );
                     drop(d_o);
-                    let per = rows_per_chunk(rows) * f;
-                    di.par_chunks_mut(per)
-                        .zip(i_pre.par_chunks(per))
-                        .for_each(|(g, p)| act_grad_mul(self.act, g, p));
                     // FFN in: da += di_pre·W₁ (da already holds the residual's share).
-                    let (dw1, db1) = backward_into(&di, f, &a, w1, rows, h, f, &mut da, Acc::Add);
+                    let (dw1, db1) =
+                        backward_into(&di, f, &a, w1, rows, h, f, &mut da, Acc::Add, None);
                     drop(di);
                     // LN₁ over a_d + x.
                     let (mut dx, dg1, dbe1) = backward_all(&a_d, Some(x), &da, g1, self.eps);
                     drop(da);
                     let da_pre = masked_copy(&dx, self.masks.attn_out.as_ref());
                     let mut dctx = uninit(rows * h);
-                    let (dwo, dbo) =
-                        backward_into(&da_pre, h, &ctx, wo, rows, h, h, &mut dctx, Acc::Overwrite);
+                    let (dwo, dbo) = backward_into(
+                        &da_pre,
+                        h,
+                        &ctx,
+                        wo,
+                        rows,
+                        h,
+                        h,
+                        &mut dctx,
+                        Acc::Overwrite,
+                        None,
+                    );
                     drop(da_pre);
                     let mut dqkv = uninit(rows * 3 * h);
                     let dp = SharedMut::new(&mut dqkv);
@@ -487,6 +510,7 @@ impl CustomOp1 for LayerOp {
                             h,
                             &mut dx,
                             Acc::Add,
+                            None,
                         );
                         qkv_grads.push(dwj);
                         qkv_grads.push(dbj);

@@ -71,6 +71,41 @@ pub fn gemm(dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat, acc: Acc, scale: f32
     unsafe { gemm_raw(dst.as_mut_ptr(), dst_rs, m, n, a, b, acc, scale, threads) }
 }
 
+/// What runs on each finished piece of a product's destination while it is still in cache:
+/// `(row, col0, values)`, `values` being row `row`'s columns `col0..col0 + values.len()`.
+/// Each element is in exactly one piece; pieces may run on any thread, in any order.
+pub type Then<'a> = &'a (dyn Fn(usize, usize, &mut [f32]) + Sync);
+
+/// `dst (m × n, row stride dst_rs) = a · b`, then `then` on every piece of it: inside the
+/// product (on the few rows each microkernel pass has just written, still in L1) where
+/// `packed` runs it, else in a parallel pass over the rows after it.
+pub fn gemm_then(dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat, threads: usize, then: Then) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(k, b.rows, "gemm: inner dimensions differ");
+    a.check();
+    b.check();
+    if m > 0 && n > 0 {
+        assert!(
+            (m - 1) * dst_rs + n <= dst.len(),
+            "gemm destination out of bounds"
+        );
+    }
+    // Safety: bounds checked above; `dst` is borrowed mutably for the call.
+    unsafe {
+        product(
+            dst.as_mut_ptr(),
+            dst_rs,
+            (m, n),
+            a,
+            b,
+            Acc::Overwrite,
+            1.0,
+            threads,
+            Some(then),
+        )
+    }
+}
+
 /// As [`gemm`] into a destination that parallel tasks share (each writes its own block).
 ///
 /// # Safety
@@ -88,6 +123,22 @@ pub unsafe fn gemm_raw(
     scale: f32,
     threads: usize,
 ) {
+    product(dst, dst_rs, (m, n), a, b, acc, scale, threads, None)
+}
+
+/// [`gemm_raw`] with an optional [`Then`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    dst: *mut f32,
+    dst_rs: usize,
+    (m, n): (usize, usize),
+    a: Mat,
+    b: Mat,
+    acc: Acc,
+    scale: f32,
+    threads: usize,
+    then: Option<Then>,
+) {
     let k = a.cols;
     debug_assert_eq!(a.rows, m);
     debug_assert_eq!(b.cols, n);
@@ -102,6 +153,41 @@ pub unsafe fn gemm_raw(
                 std::slice::from_raw_parts_mut(dst.add(i * dst_rs), n).fill(0.0);
             }
         }
+        rows_then(dst, dst_rs, m, n, then);
+        return;
+    }
+    // A transposed view of A (the weight gradient's gᵀ in gᵀ·x) is the operand gemm packs
+    // in full for each task: with many more rows than columns (the MLM decoder's weight
+    // gradient, 30522×154×768), a split by rows packs half of it per thread instead of all
+    // of it twice: 235 -> 292, 285 -> 306, 219 -> 264 GFLOP/s in three alternating runs of
+    // `gemm_shapes` ("decoder dW"). The FFN input's (3072×1024×768) gained nothing so.
+    if threads > 1 && a.cs != 1 && m >= 4 * n && m >= SPLIT_N_MIN * threads {
+        let mb = m.div_ceil(threads).next_multiple_of(16);
+        let d = super::SharedMut(dst);
+        rayon::prelude::ParallelIterator::for_each(
+            rayon::prelude::IntoParallelIterator::into_par_iter(0..m.div_ceil(mb)),
+            |t| {
+                let (i0, i1) = (t * mb, ((t + 1) * mb).min(m));
+                let ai = Mat {
+                    data: &a.data[i0 * a.rs..],
+                    rows: i1 - i0,
+                    ..a
+                };
+                let then = then.map(|f| move |r: usize, c: usize, v: &mut [f32]| f(r + i0, c, v));
+                let then = then.as_ref().map(|f| f as Then);
+                product(
+                    d.at(i0 * dst_rs),
+                    dst_rs,
+                    (i1 - i0, n),
+                    ai,
+                    b,
+                    acc,
+                    scale,
+                    1,
+                    then,
+                )
+            },
+        );
         return;
     }
     if threads > 1 && n >= SPLIT_N_MIN * threads {
@@ -124,9 +210,15 @@ pub unsafe fn gemm_raw(
                     cols: j1 - j0,
                     ..b
                 };
-                gemm_raw(d.at(j0), dst_rs, m, j1 - j0, a, bj, acc, scale, 1)
+                let then = then.map(|f| move |r: usize, c: usize, v: &mut [f32]| f(r, c + j0, v));
+                let then = then.as_ref().map(|f| f as Then);
+                product(d.at(j0), dst_rs, (m, j1 - j0), a, bj, acc, scale, 1, then)
             },
         );
+        return;
+    }
+    if threads <= 1 && super::packed::suits(&a, &b, then.is_some()) {
+        super::packed::gemm(dst, dst_rs, a, b, acc, scale, then);
         return;
     }
     let parallelism = if threads > 1 {
@@ -155,7 +247,22 @@ pub unsafe fn gemm_raw(
         false,
         false,
         parallelism,
-    )
+    );
+    rows_then(dst, dst_rs, m, n, then);
+}
+
+/// `then` on every row of `dst` (`m × n`, rows `dst_rs` apart), in parallel.
+///
+/// # Safety
+/// As [`gemm_raw`]'s destination.
+unsafe fn rows_then(dst: *mut f32, dst_rs: usize, m: usize, n: usize, then: Option<Then>) {
+    if let Some(f) = then {
+        let d = super::SharedMut(dst);
+        rayon::prelude::ParallelIterator::for_each(
+            rayon::prelude::IntoParallelIterator::into_par_iter(0..m),
+            |i| f(i, 0, std::slice::from_raw_parts_mut(d.at(i * dst_rs), n)),
+        );
+    }
 }
 
 /// Below this many columns per thread a product stays on gemm's own threading.
@@ -186,9 +293,9 @@ mod tests {
     #[test]
     fn split_by_columns_matches_a_plain_product() {
         // n = 1100 columns over 2 threads: the column-block path (blocks of 560 and 540),
-        // for x·Wᵀ, g·W and gᵀ·x layouts, into a column block of a wider destination,
-        // overwriting and then accumulating.
-        let (m, k, n, rs) = (37, 29, 1100, 1107);
+        // for x·Wᵀ (through `packed` where the CPU has AVX-512), g·W and gᵀ·x layouts, into a
+        // column block of a wider destination, overwriting and then accumulating.
+        let (m, k, n, rs) = (37, 40, 1100, 1107);
         let a: Vec<f32> = (0..m * k)
             .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
             .collect();
@@ -218,6 +325,74 @@ mod tests {
             assert!((0..m - 1).all(|i| dst[3 + i * rs + n..3 + (i + 1) * rs]
                 .iter()
                 .all(|&v| v == 7.0)));
+        }
+    }
+
+    #[test]
+    fn split_by_rows_matches_a_plain_product() {
+        // A transposed view of A with m ≥ 4n (the decoder's weight gradient's layout): the
+        // row-block path over 2 threads (blocks of 1040 and 1020 rows).
+        let (m, k, n, rs) = (2060, 23, 300, 303);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 5) % 11) as f32 * 0.1 - 0.5)
+            .collect();
+        let (am, bm) = (Mat::rm(&a, k, m).t(), Mat::rm(&b, k, n));
+        let want = naive(am, bm);
+        let mut dst = vec![7f32; (m - 1) * rs + n];
+        gemm(&mut dst, rs, am, bm, Acc::Overwrite, 1.0, 2);
+        for i in 0..m {
+            for j in 0..n {
+                let (got, w) = (dst[i * rs + j] as f64, want[i * n + j]);
+                assert!((got - w).abs() < 1e-4, "({i}, {j}) {got} vs {w}");
+            }
+            if i + 1 < m {
+                assert!(dst[i * rs + n..(i + 1) * rs].iter().all(|&v| v == 7.0));
+            }
+        }
+    }
+
+    #[test]
+    fn then_runs_once_on_every_element_after_the_product() {
+        // Each element is doubled and offset by its own coordinates: a piece visited twice, a
+        // piece missed or a wrong (row, col0) shows. Layouts x·Wᵀ and x·W (through `packed`
+        // on AVX-512 CPUs, split over 2 threads), and sizes the fallback pass takes (n < 64).
+        for (m, k, n) in [(70, 40, 1100), (130, 300, 200), (9, 7, 30)] {
+            let rs = n + 3;
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 5) % 11) as f32 * 0.1 - 0.5)
+                .collect();
+            for (am, bm) in [
+                (Mat::rm(&a, m, k), Mat::rm(&w, n, k).t()),
+                (Mat::rm(&a, m, k), Mat::rm(&w, k, n)),
+            ] {
+                let want = naive(am, bm);
+                let mut dst = vec![7f32; (m - 1) * rs + n];
+                let then = |r: usize, c0: usize, v: &mut [f32]| {
+                    for (j, x) in v.iter_mut().enumerate() {
+                        *x = 2.0 * *x + ((r * 1000 + c0 + j) as f32) * 1e-3;
+                    }
+                };
+                gemm_then(&mut dst, rs, am, bm, 2, &then);
+                for i in 0..m {
+                    for j in 0..n {
+                        let got = dst[i * rs + j] as f64;
+                        let w = 2.0 * want[i * n + j] + (i * 1000 + j) as f64 * 1e-3;
+                        assert!(
+                            (got - w).abs() < 1e-3,
+                            "{m}x{k}x{n} ({i}, {j}) {got} vs {w}"
+                        );
+                    }
+                    if i + 1 < m {
+                        assert!(dst[i * rs + n..(i + 1) * rs].iter().all(|&v| v == 7.0));
+                    }
+                }
+            }
         }
     }
 }

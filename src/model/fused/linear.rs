@@ -6,7 +6,7 @@
 //! `dW = g'ᵀ · x` (again strides only) and `db = Σ_rows g'`.
 
 use super::dropout::Mask;
-use super::gemm::{gemm, threads, Acc, Mat};
+use super::gemm::{gemm, gemm_then, threads, Acc, Mat, Then};
 use super::grads::GradSink;
 use super::math::{act_grad_mul, act_slice};
 use super::{
@@ -15,7 +15,6 @@ use super::{
 use crate::model::config::Activation;
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
-use rayon::prelude::*;
 use std::sync::Mutex;
 
 struct LinearOp {
@@ -50,15 +49,14 @@ impl LinearOp {
         out: usize,
     ) -> Vec<f32> {
         let mut y = uninit(rows * out);
-        let per = rows_per_chunk(rows) * out;
-        // Bias, activation and dropout in one pass after the product; out of place when the
-        // pre-activation is kept.
-        let post = |i: usize, c: &mut [f32]| {
+        // Bias, activation and dropout on each piece of the product as it is finished; out of
+        // place when the pre-activation is kept.
+        let post = |row: usize, c0: usize, c: &mut [f32]| {
             if let Some(a) = self.act {
                 act_slice(a, c);
             }
             if let Some(m) = &self.mask {
-                m.apply(c, i * per);
+                m.apply(c, row * out + c0);
             }
         };
         if self.act.is_some() && self.keep {
@@ -194,13 +192,12 @@ impl CustomOp1 for SinkLinearOp {
 }
 
 /// `y ← x · Wᵀ + b` for `x` `[rows, inp]`, `W` `[out, inp]` and `y` `[rows, out]` with rows
-/// `y_rs` apart (a column block of a wider matrix when `y_rs > out`), then `post(chunk
-/// index, rows)` on each chunk of whole rows (of [`rows_per_chunk`] rows) in the same parallel
-/// pass that adds the bias, while they are in cache. gemm writes the product and the pass adds
-/// the bias: writing the bias first and letting gemm accumulate made gemm read every output
-/// tile back from memory, which was slower. `wt` is `Wᵀ` `[inp, out]`: [`weight_t`] of the
-/// checkpoint's `[out, inp]` (a stride swap), or a transpose stored as such (frozen layers,
-/// see [`super::block::Transposed`]).
+/// `y_rs` apart (a column block of a wider matrix when `y_rs > out`), then `post(row, col0,
+/// piece)` on each piece of each row (columns `col0..col0 + piece.len()`, see [`Then`]) with
+/// the bias added: inside the product while the piece is still in L1 (`super::packed`, on
+/// AVX-512 CPUs), else in a parallel pass after it. `wt` is `Wᵀ` `[inp, out]`: [`weight_t`]
+/// of the checkpoint's `[out, inp]` (a stride swap), or a transpose stored as such (frozen
+/// layers, see [`super::block::Transposed`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_then(
     y: &mut [f32],
@@ -209,28 +206,19 @@ pub(crate) fn forward_then(
     wt: Mat,
     b: &[f32],
     rows: usize,
-    post: impl Fn(usize, &mut [f32]) + Sync,
+    post: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
-    let (inp, out) = (wt.rows, wt.cols);
-    debug_assert_eq!(b.len(), out);
-    gemm(
-        y,
-        y_rs,
-        Mat::rm(x, rows, inp),
-        wt,
-        Acc::Overwrite,
-        1.0,
-        threads(),
-    );
-    let per = rows_per_chunk(rows) * y_rs;
-    y.par_chunks_mut(per).enumerate().for_each(|(i, c)| {
-        add_bias(c, y_rs, b);
-        post(i, c);
-    });
+    let inp = wt.rows;
+    debug_assert_eq!(b.len(), wt.cols);
+    let then = |row: usize, c0: usize, v: &mut [f32]| {
+        add_bias(v, &b[c0..c0 + v.len()]);
+        post(row, c0, v);
+    };
+    gemm_then(y, y_rs, Mat::rm(x, rows, inp), wt, threads(), &then);
 }
 
 /// [`forward_then`] into `pre` (`[rows, out]`, the pre-activation a backward needs), with
-/// `post` applied to a copy of each chunk in the same pass; returns the copies, `[rows, out]`.
+/// `post` applied to a copy of each piece in the same pass; returns the copies, `[rows, out]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_kept(
     pre: &mut [f32],
@@ -238,17 +226,16 @@ pub(crate) fn forward_kept(
     wt: Mat,
     b: &[f32],
     rows: usize,
-    post: impl Fn(usize, &mut [f32]) + Sync,
+    post: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let out = wt.cols;
     let mut y = uninit(rows * out);
-    let per = rows_per_chunk(rows) * out;
     let dst = SharedMut::new(&mut y);
-    forward_then(pre, out, x, wt, b, rows, |i, c| {
-        // Safety: chunk `i` of `y` (as long as chunk `i` of `pre`) is this task's alone.
-        let o = unsafe { std::slice::from_raw_parts_mut(dst.at(i * per), c.len()) };
-        o.copy_from_slice(c);
-        post(i, o);
+    forward_then(pre, out, x, wt, b, rows, |row, c0, v| {
+        // Safety: the piece's place in `y` (where it is in `pre`) is this task's alone.
+        let o = unsafe { std::slice::from_raw_parts_mut(dst.at(row * out + c0), v.len()) };
+        o.copy_from_slice(v);
+        post(row, c0, o);
     });
     y
 }
@@ -258,15 +245,13 @@ pub(crate) fn weight_t(w: &[f32], inp: usize, out: usize) -> Mat<'_> {
     Mat::rm(w, out, inp).t()
 }
 
-/// `row[..b.len()] += b` for each row of `c` (rows `rs` apart).
+/// `v += b` (a piece of a row and its columns' biases).
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
     "x86_64+avx2+fma"
 ))]
-fn add_bias(c: &mut [f32], rs: usize, b: &[f32]) {
-    for row in c.chunks_mut(rs) {
-        row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
-    }
+fn add_bias(v: &mut [f32], b: &[f32]) {
+    v.iter_mut().zip(b).for_each(|(y, b)| *y += b);
 }
 
 /// `dx = g'·W`, `dW = g'ᵀ·x`, `db = Σ_rows g'` for `g'` `[rows, out]`.
@@ -279,12 +264,13 @@ fn linear_grads(
     out: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let mut dx = uninit(rows * inp);
-    let (dw, db) = backward_into(gp, out, x, w, rows, inp, out, &mut dx, Acc::Overwrite);
+    let (dw, db) = backward_into(gp, out, x, w, rows, inp, out, &mut dx, Acc::Overwrite, None);
     (dx, dw, db)
 }
 
 /// `dx (=|+=) g'·W` as `acc` says, and returns `(dW, db) = (g'ᵀ·x, Σ_rows g')`, for `g'`
-/// `[rows, out]` with rows `g_rs` apart.
+/// `[rows, out]` with rows `g_rs` apart. `dx_then` (with `Acc::Overwrite` only) runs on each
+/// finished piece of `dx` as [`gemm_then`] says, before `dW`'s product.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_into(
     gp: &[f32],
@@ -296,6 +282,7 @@ pub(crate) fn backward_into(
     out: usize,
     dx: &mut [f32],
     acc: Acc,
+    dx_then: Option<Then>,
 ) -> (Vec<f32>, Vec<f32>) {
     let mut dw = uninit(out * inp);
     let g = Mat {
@@ -305,7 +292,13 @@ pub(crate) fn backward_into(
         rs: g_rs,
         cs: 1,
     };
-    gemm(dx, inp, g, Mat::rm(w, out, inp), acc, 1.0, threads());
+    match dx_then {
+        Some(then) => {
+            assert_eq!(acc, Acc::Overwrite, "backward_into: dx_then with Acc::Add");
+            gemm_then(dx, inp, g, Mat::rm(w, out, inp), threads(), then)
+        }
+        None => gemm(dx, inp, g, Mat::rm(w, out, inp), acc, 1.0, threads()),
+    }
     gemm(
         &mut dw,
         inp,

@@ -1,0 +1,457 @@
+//! A single-threaded blocked product over the gemm crate's own AVX-512 microkernel
+//! (`gemm_f32::microkernel::avx512f`), with packing of our own.
+//!
+//! Why not `gemm::gemm` for everything: gemm packs an operand that is stored across the
+//! direction it needs one element at a time (a scalar load and store per element). Two of the
+//! training step's layouts hit that: the forward's `x·Wᵀ` (W `[out, in]` as PyTorch stores it,
+//! the trainable student's layout) and the weight gradient `gᵀ·x`, where gemm's packing of
+//! `gᵀ` walks one row of g per element group (a new page for each of a block's 512 rows).
+//! Here a transposed operand is packed with 16×16 AVX-512 register transposes, and `gᵀ` a block
+//! of rows at a time, so every layout runs as fast as the best one (`cargo bench --bench
+//! gemm_shapes -- base`, "own" lines). The microkernel, the blocking (`kernel_params`) and the
+//! loop order are gemm's; only the packing differs.
+//!
+//! In gemm's terms the product is column-major: our row-major `dst (m × n) = a · b` is
+//! `dstᵀ (n × m) = bᵀ · aᵀ`, so gemm's left operand `L` is `bᵀ` (rows = our columns) and its
+//! right operand `R` is `aᵀ`.
+
+use super::gemm::{Acc, Mat, Then};
+use gemm_common::cache::kernel_params;
+use std::cell::RefCell;
+
+/// f32 lanes in one AVX-512 register.
+const LANES: usize = 16;
+/// The microkernel's tile: MR rows of L (4 registers) by NR columns of R.
+const MR: usize = 4 * LANES;
+const NR: usize = 6;
+
+/// Whether this CPU runs the AVX-512 microkernel (checked once per call; std caches it).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether [`gemm`] takes this product, on an AVX-512 CPU, big enough for the packing to pay:
+/// `b` a transposed view (the layout gemm packs an element at a time), or `b` row-major when
+/// a [`Then`] is to run inside the product.
+pub fn suits(a: &Mat, b: &Mat, then: bool) -> bool {
+    let layout = (b.rs == 1 && b.cs != 1) || (then && b.cs == 1);
+    layout && b.cols >= MR && a.rows >= 2 * NR && a.cols >= 32 && available()
+}
+
+thread_local! {
+    /// Packing buffers, kept per thread between products (L panel block, R block).
+    static BUFS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// `dst (m × n, row stride dst_rs) = [dst +] scale · a · b` on this thread, then `then` on
+/// each strip of rows (a microkernel's NR rows by up to one block of columns) as soon as it
+/// is final.
+///
+/// # Safety
+/// `dst` must be valid for `(m - 1) * dst_rs + n` elements, not written by anyone else during
+/// the call, and [`available`] must be true.
+pub unsafe fn gemm(
+    dst: *mut f32,
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    acc: Acc,
+    scale: f32,
+    then: Option<Then>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        debug_assert!(available());
+        BUFS.with(|bufs| {
+            let (lbuf, rbuf) = &mut *bufs.borrow_mut();
+            run(dst, dst_rs, a, b, (acc, scale, then), lbuf, rbuf)
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (dst, dst_rs, a, b, acc, scale, then);
+        unreachable!("packed::gemm needs AVX-512")
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn run(
+    dst: *mut f32,
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    (acc, scale, then): (Acc, f32, Option<Then>),
+    lbuf: &mut Vec<f32>,
+    rbuf: &mut Vec<f32>,
+) {
+    use gemm_f32::microkernel::avx512f::f32::UKR;
+    // gemm's column-major problem: m' = our n, n' = our m.
+    let (mp, np, k) = (b.cols, a.rows, a.cols);
+    let l = Operand {
+        data: b.data.as_ptr(),
+        rs: b.cs,
+        cs: b.rs,
+    };
+    let r = Operand {
+        data: a.data.as_ptr(),
+        rs: a.cs,
+        cs: a.rs,
+    };
+    let params = kernel_params(mp, np, k, MR, NR, 4);
+    let (kc, mc) = (params.kc.max(1), params.mc.max(MR));
+    let nc = if params.nc == 0 {
+        np.next_multiple_of(NR)
+    } else {
+        params.nc
+    };
+    // R is read in place when a column of it (a row of a) is contiguous, as gemm does for
+    // products whose L is not huge.
+    let pack_r = r.rs != 1 || mp > 128 * MR;
+    let lpack = aligned(lbuf, mc.div_ceil(MR) * MR * kc);
+    let rpack = aligned(rbuf, if pack_r { nc.div_ceil(NR) * NR * kc } else { 0 });
+
+    let mut j0 = 0;
+    while j0 < np {
+        let nb = nc.min(np - j0);
+        let mut p0 = 0;
+        while p0 < k {
+            let kb = kc.min(k - p0);
+            // The first block of depth overwrites (or accumulates, for Acc::Add); the others add.
+            let status: u8 = if p0 == 0 && acc == Acc::Overwrite {
+                0
+            } else {
+                1
+            };
+            let (rptr, rrs, rcs) = if pack_r {
+                pack_r_block(rpack, r.shifted(p0, j0), kb, nb);
+                (rpack as *const f32, NR as isize, 1isize)
+            } else {
+                (r.at(p0, j0), r.rs as isize, r.cs as isize)
+            };
+            let mut i0 = 0;
+            while i0 < mp {
+                let mb = mc.min(mp - i0);
+                pack_l_block(lpack, l.shifted(i0, p0), mb, kb);
+                let mut jr = 0;
+                while jr < nb {
+                    let nn = NR.min(nb - jr);
+                    let rp = if pack_r {
+                        rptr.add(jr * kb)
+                    } else {
+                        rptr.offset(jr as isize * rcs)
+                    };
+                    let mut ir = 0;
+                    while ir < mb {
+                        let mm = MR.min(mb - ir);
+                        let kernel = UKR[mm.div_ceil(LANES) - 1][nn - 1];
+                        kernel(
+                            mm,
+                            nn,
+                            kb,
+                            dst.add((j0 + jr) * dst_rs + i0 + ir),
+                            lpack.add(ir * kb),
+                            rp,
+                            dst_rs as isize,
+                            1,
+                            MR as isize,
+                            rrs,
+                            rcs,
+                            1.0,
+                            scale,
+                            status,
+                            false,
+                            false,
+                            false,
+                            std::ptr::null(),
+                        );
+                        ir += MR;
+                    }
+                    if let (Some(f), true) = (then, p0 + kb == k) {
+                        for t in 0..nn {
+                            let row = j0 + jr + t;
+                            f(
+                                row,
+                                i0,
+                                std::slice::from_raw_parts_mut(dst.add(row * dst_rs + i0), mb),
+                            );
+                        }
+                    }
+                    jr += NR;
+                }
+                i0 += mb;
+            }
+            p0 += kb;
+        }
+        j0 += nb;
+    }
+}
+
+/// The packed panels' alignment in bytes (gemm's own): a register load never straddles two
+/// cache lines. Unaligned panels cost ~10% on every shape.
+const ALIGN: usize = 128;
+
+/// `len` floats of `buf`, starting at an [`ALIGN`]-byte boundary (grown as needed).
+fn aligned(buf: &mut Vec<f32>, len: usize) -> *mut f32 {
+    let pad = ALIGN / 4;
+    if buf.len() < len + pad {
+        buf.resize(len + pad, 0.0);
+    }
+    let ptr = buf.as_mut_ptr();
+    ptr.wrapping_add(ptr.align_offset(ALIGN))
+}
+
+/// A strided matrix by raw pointer: element `(i, j)` at `data + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+struct Operand {
+    data: *const f32,
+    rs: usize,
+    cs: usize,
+}
+
+impl Operand {
+    fn at(&self, i: usize, j: usize) -> *const f32 {
+        self.data.wrapping_add(i * self.rs + j * self.cs)
+    }
+
+    /// The same matrix from element `(i, j)` on.
+    fn shifted(self, i: usize, j: usize) -> Self {
+        Operand {
+            data: self.at(i, j),
+            ..self
+        }
+    }
+}
+
+/// Packs `mb × kb` of L (element `(i, p)` at `l.at(i, p)`) into panels of MR rows: panel `t`
+/// holds rows `t·MR..` as `kb` groups of MR values (`dst[t·MR·kb + p·MR + i]`), rows past `mb`
+/// zero.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_l_block(dst: *mut f32, l: Operand, mb: usize, kb: usize) {
+    for t in 0..mb.div_ceil(MR) {
+        let rows = MR.min(mb - t * MR);
+        let panel = dst.add(t * MR * kb);
+        let src = Operand {
+            data: l.at(t * MR, 0),
+            ..l
+        };
+        if src.rs == 1 && rows == MR {
+            // Columns of L contiguous: a copy per depth (four registers, inline: a call to
+            // memcpy per 256 bytes cost more than the copy).
+            for p in 0..kb {
+                let v = (src.at(0, p) as *const [f32; MR]).read_unaligned();
+                (panel.add(p * MR) as *mut [f32; MR]).write(v);
+            }
+        } else if src.rs == 1 {
+            for p in 0..kb {
+                let d = panel.add(p * MR);
+                for i in 0..MR {
+                    *d.add(i) = if i < rows { *src.at(i, p) } else { 0.0 };
+                }
+            }
+        } else if src.cs == 1 {
+            // Rows of L contiguous (W in x·Wᵀ): 16×16 register transposes.
+            for g in 0..MR / LANES {
+                let live = rows.saturating_sub(g * LANES).min(LANES);
+                let mut p0 = 0;
+                while p0 < kb {
+                    let depth = LANES.min(kb - p0);
+                    transpose16(
+                        src.at(g * LANES, p0),
+                        src.rs,
+                        live,
+                        depth,
+                        panel.add(p0 * MR + g * LANES),
+                        MR,
+                    );
+                    p0 += LANES;
+                }
+            }
+        } else {
+            for p in 0..kb {
+                for i in 0..MR {
+                    *panel.add(p * MR + i) = if i < rows { *src.at(i, p) } else { 0.0 };
+                }
+            }
+        }
+    }
+}
+
+/// Packs `kb × nb` of R (element `(p, j)` at `r.at(p, j)`) into panels of NR columns: panel `u`
+/// holds columns `u·NR..` as `kb` groups of NR values (`dst[u·NR·kb + p·NR + j]`), columns past
+/// `nb` zero.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_r_block(dst: *mut f32, r: Operand, kb: usize, nb: usize) {
+    let panels = nb.div_ceil(NR);
+    if r.cs == 1 {
+        // Rows of R contiguous (gᵀ in the weight gradient gᵀ·x): a block of 16 depths at a
+        // time, so that both the rows read and the panels written stay in cache.
+        let mut p0 = 0;
+        while p0 < kb {
+            let depth = 16.min(kb - p0);
+            for u in 0..panels {
+                let cols = NR.min(nb - u * NR);
+                let panel = dst.add(u * NR * kb);
+                for p in p0..p0 + depth {
+                    let d = panel.add(p * NR);
+                    if cols == NR {
+                        let v = (r.at(p, u * NR) as *const [f32; NR]).read_unaligned();
+                        (d as *mut [f32; NR]).write_unaligned(v);
+                    } else {
+                        for j in 0..NR {
+                            *d.add(j) = if j < cols { *r.at(p, u * NR + j) } else { 0.0 };
+                        }
+                    }
+                }
+            }
+            p0 += depth;
+        }
+    } else {
+        for u in 0..panels {
+            let cols = NR.min(nb - u * NR);
+            let panel = dst.add(u * NR * kb);
+            for j in 0..NR {
+                for p in 0..kb {
+                    *panel.add(p * NR + j) = if j < cols { *r.at(p, u * NR + j) } else { 0.0 };
+                }
+            }
+        }
+    }
+}
+
+/// Transposes the `live × depth` block at `src` (row stride `rs`, rows contiguous) into
+/// `depth` rows of 16 at `dst` (row stride `drs`): `dst[q·drs + i] = src[i·rs + q]`, with
+/// rows `i ≥ live` read as zero.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(
+    src: *const f32,
+    rs: usize,
+    live: usize,
+    depth: usize,
+    dst: *mut f32,
+    drs: usize,
+) {
+    use std::arch::x86_64::*;
+    let mask: __mmask16 = if depth >= 16 {
+        0xffff
+    } else {
+        (1u16 << depth) - 1
+    };
+    let mut r = [_mm512_setzero_ps(); 16];
+    for (i, row) in r.iter_mut().enumerate().take(live) {
+        *row = _mm512_maskz_loadu_ps(mask, src.add(i * rs));
+    }
+    // Pairs of rows interleaved within 128-bit lanes, then pairs of pairs: u[4g + q] holds, in
+    // lane l, column 4l + q of rows 4g..4g + 4.
+    let mut t = [_mm512_setzero_ps(); 16];
+    for g in 0..8 {
+        t[2 * g] = _mm512_unpacklo_ps(r[2 * g], r[2 * g + 1]);
+        t[2 * g + 1] = _mm512_unpackhi_ps(r[2 * g], r[2 * g + 1]);
+    }
+    let mut u = [_mm512_setzero_ps(); 16];
+    for g in 0..4 {
+        let (a0, a1) = (_mm512_castps_pd(t[4 * g]), _mm512_castps_pd(t[4 * g + 2]));
+        let (b0, b1) = (
+            _mm512_castps_pd(t[4 * g + 1]),
+            _mm512_castps_pd(t[4 * g + 3]),
+        );
+        u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a1));
+        u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a1));
+        u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b0, b1));
+        u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b0, b1));
+    }
+    // Lanes gathered across the four groups: column 4l + q is lane l of u[q], u[4 + q],
+    // u[8 + q], u[12 + q].
+    for q in 0..4 {
+        let v0 = _mm512_shuffle_f32x4::<0x88>(u[q], u[4 + q]);
+        let v1 = _mm512_shuffle_f32x4::<0xdd>(u[q], u[4 + q]);
+        let w0 = _mm512_shuffle_f32x4::<0x88>(u[8 + q], u[12 + q]);
+        let w1 = _mm512_shuffle_f32x4::<0xdd>(u[8 + q], u[12 + q]);
+        let cols = [
+            (q, _mm512_shuffle_f32x4::<0x88>(v0, w0)),
+            (4 + q, _mm512_shuffle_f32x4::<0x88>(v1, w1)),
+            (8 + q, _mm512_shuffle_f32x4::<0xdd>(v0, w0)),
+            (12 + q, _mm512_shuffle_f32x4::<0xdd>(v1, w1)),
+        ];
+        for (c, v) in cols {
+            if c < depth {
+                _mm512_storeu_ps(dst.add(c * drs), v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: Mat, b: Mat) -> Vec<f64> {
+        let mut c = vec![0f64; a.rows * b.cols];
+        for i in 0..a.rows {
+            for j in 0..b.cols {
+                for p in 0..a.cols {
+                    c[i * b.cols + j] +=
+                        a.data[i * a.rs + p * a.cs] as f64 * b.data[p * b.rs + j * b.cs] as f64;
+                }
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn every_layout_and_edge_matches_a_plain_product() {
+        if !available() {
+            eprintln!("no AVX-512 here: packed::gemm is not used, nothing to test");
+            return;
+        }
+        // Sizes off every block edge (16-lane groups, MR, NR, a depth past kc = 512) in the
+        // four layouts, into a column block of a wider destination, overwriting then adding.
+        for &(m, k, n) in &[(13, 37, 70), (100, 600, 129), (64, 64, 64), (150, 1030, 77)] {
+            let rs = n + 5;
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 5) % 11) as f32 * 0.1 - 0.5)
+                .collect();
+            let layouts = [
+                (Mat::rm(&a, m, k), Mat::rm(&w, n, k).t()),
+                (Mat::rm(&a, m, k), Mat::rm(&w, k, n)),
+                (Mat::rm(&a, k, m).t(), Mat::rm(&w, k, n)),
+                (Mat::rm(&a, k, m).t(), Mat::rm(&w, n, k).t()),
+            ];
+            for (am, bm) in layouts {
+                let want = naive(am, bm);
+                let mut dst = vec![7f32; (m - 1) * rs + n + 3];
+                for (acc, factor) in [(Acc::Overwrite, 0.5), (Acc::Add, 1.0)] {
+                    // Safety: AVX-512 checked above; dst holds the block.
+                    unsafe { gemm(dst[3..].as_mut_ptr(), rs, am, bm, acc, 0.5, None) };
+                    for i in 0..m {
+                        for j in 0..n {
+                            let got = dst[3 + i * rs + j] as f64;
+                            let w = factor * want[i * n + j];
+                            assert!(
+                                (got - w).abs() < 1e-3 * (1.0 + w.abs()),
+                                "{m}x{k}x{n} ({i}, {j}) {got} vs {w} ({acc:?})"
+                            );
+                        }
+                    }
+                }
+                assert_eq!(&dst[..3], &[7.0; 3]);
+                assert!((0..m - 1).all(|i| dst[3 + i * rs + n..3 + (i + 1) * rs]
+                    .iter()
+                    .all(|&v| v == 7.0)));
+            }
+        }
+    }
+}
