@@ -58,6 +58,12 @@ pub enum Acc {
 /// many small products in parallel pass 1.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat, acc: Acc, scale: f32, threads: usize) {
+    let (m, n) = checked(dst, dst_rs, &a, &b);
+    unsafe { gemm_raw(dst.as_mut_ptr(), dst_rs, m, n, a, b, acc, scale, threads) }
+}
+
+/// Panics unless `a · b` is defined and fits `dst` with rows `dst_rs` apart; its size.
+fn checked(dst: &[f32], dst_rs: usize, a: &Mat, b: &Mat) -> (usize, usize) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(k, b.rows, "gemm: inner dimensions differ");
     a.check();
@@ -68,7 +74,7 @@ pub fn gemm(dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat, acc: Acc, scale: f32
             "gemm destination out of bounds"
         );
     }
-    unsafe { gemm_raw(dst.as_mut_ptr(), dst_rs, m, n, a, b, acc, scale, threads) }
+    (m, n)
 }
 
 /// What runs on each finished piece of a product's destination while it is still in cache:
@@ -80,16 +86,7 @@ pub type Then<'a> = &'a (dyn Fn(usize, usize, &mut [f32]) + Sync);
 /// product (on the few rows each microkernel pass has just written, still in L1) where
 /// `packed` runs it, else in a parallel pass over the rows after it.
 pub fn gemm_then(dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat, threads: usize, then: Then) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert_eq!(k, b.rows, "gemm: inner dimensions differ");
-    a.check();
-    b.check();
-    if m > 0 && n > 0 {
-        assert!(
-            (m - 1) * dst_rs + n <= dst.len(),
-            "gemm destination out of bounds"
-        );
-    }
+    let (m, n) = checked(dst, dst_rs, &a, &b);
     // Safety: bounds checked above; `dst` is borrowed mutably for the call.
     unsafe {
         product(
@@ -161,36 +158,9 @@ unsafe fn product(
     // gradient, 30522×154×768), a split by rows packs half of it per thread instead of all
     // of it twice: 235 -> 292, 285 -> 306, 219 -> 264 GFLOP/s in three alternating runs of
     // `gemm_shapes` ("decoder dW"). The FFN input's (3072×1024×768) gained nothing so.
-    if threads > 1 && a.cs != 1 && m >= 4 * n && m >= SPLIT_N_MIN * threads {
-        let mb = m.div_ceil(threads).next_multiple_of(16);
-        let d = super::SharedMut(dst);
-        rayon::prelude::ParallelIterator::for_each(
-            rayon::prelude::IntoParallelIterator::into_par_iter(0..m.div_ceil(mb)),
-            |t| {
-                let (i0, i1) = (t * mb, ((t + 1) * mb).min(m));
-                let ai = Mat {
-                    data: &a.data[i0 * a.rs..],
-                    rows: i1 - i0,
-                    ..a
-                };
-                let then = then.map(|f| move |r: usize, c: usize, v: &mut [f32]| f(r + i0, c, v));
-                let then = then.as_ref().map(|f| f as Then);
-                product(
-                    d.at(i0 * dst_rs),
-                    dst_rs,
-                    (i1 - i0, n),
-                    ai,
-                    b,
-                    acc,
-                    scale,
-                    1,
-                    then,
-                )
-            },
-        );
-        return;
-    }
-    if threads > 1 && n >= SPLIT_N_MIN * threads {
+    let how = if threads > 1 && a.cs != 1 && m >= 4 * n && m >= SPLIT_N_MIN * threads {
+        Some(Split::Rows(m.div_ceil(threads).next_multiple_of(16)))
+    } else if threads > 1 && n >= SPLIT_N_MIN * threads {
         // One block of columns per thread, each an unthreaded product: each thread then
         // packs only its share of B (W, in the forward's x·Wᵀ and the backward's g·W) and
         // keeps it in its own cache, where gemm's own split shares the packing. B stored
@@ -199,22 +169,12 @@ unsafe fn product(
         // base 2`). B row-major: the MLM decoder's g·W (154×30522×768) 240-255 -> 317-327,
         // the FFN's dx within noise; the whole BERT-base distillation step's backward
         // 0.709 -> 0.692 s (mean of six alternating runs of `encoder_step`).
-        let nb = n.div_ceil(threads).next_multiple_of(16);
-        let d = super::SharedMut(dst);
-        rayon::prelude::ParallelIterator::for_each(
-            rayon::prelude::IntoParallelIterator::into_par_iter(0..n.div_ceil(nb)),
-            |t| {
-                let (j0, j1) = (t * nb, ((t + 1) * nb).min(n));
-                let bj = Mat {
-                    data: &b.data[j0 * b.cs..],
-                    cols: j1 - j0,
-                    ..b
-                };
-                let then = then.map(|f| move |r: usize, c: usize, v: &mut [f32]| f(r, c + j0, v));
-                let then = then.as_ref().map(|f| f as Then);
-                product(d.at(j0), dst_rs, (m, j1 - j0), a, bj, acc, scale, 1, then)
-            },
-        );
+        Some(Split::Columns(n.div_ceil(threads).next_multiple_of(16)))
+    } else {
+        None
+    };
+    if let Some(how) = how {
+        split(dst, dst_rs, (m, n), a, b, (acc, scale, then), how);
         return;
     }
     if threads <= 1 && super::packed::suits(&a, &b, then.is_some()) {
@@ -226,11 +186,86 @@ unsafe fn product(
     } else {
         Parallelism::None
     };
+    crate_gemm(dst, dst_rs, a, b, acc, scale, parallelism);
+    rows_then(dst, dst_rs, m, n, then);
+}
+
+/// How [`split`] cuts a product into unthreaded ones: blocks of this many rows or columns.
+#[derive(Clone, Copy)]
+enum Split {
+    Rows(usize),
+    Columns(usize),
+}
+
+/// [`product`] as one unthreaded product per block of rows or columns, in parallel (each
+/// block's `then` told its place in the whole).
+///
+/// # Safety
+/// As [`gemm_raw`]'s destination.
+unsafe fn split(
+    dst: *mut f32,
+    dst_rs: usize,
+    (m, n): (usize, usize),
+    a: Mat,
+    b: Mat,
+    (acc, scale, then): (Acc, f32, Option<Then>),
+    how: Split,
+) {
+    let (len, block) = match how {
+        Split::Rows(mb) => (m, mb),
+        Split::Columns(nb) => (n, nb),
+    };
+    let d = super::SharedMut(dst);
+    rayon::prelude::ParallelIterator::for_each(
+        rayon::prelude::IntoParallelIterator::into_par_iter(0..len.div_ceil(block)),
+        |t| {
+            let (lo, hi) = (t * block, ((t + 1) * block).min(len));
+            let (at, bt, offset, (r0, c0)) = match how {
+                Split::Rows(_) => {
+                    let at = Mat {
+                        data: &a.data[lo * a.rs..],
+                        rows: hi - lo,
+                        ..a
+                    };
+                    (at, b, lo * dst_rs, (lo, 0))
+                }
+                Split::Columns(_) => {
+                    let bt = Mat {
+                        data: &b.data[lo * b.cs..],
+                        cols: hi - lo,
+                        ..b
+                    };
+                    (a, bt, lo, (0, lo))
+                }
+            };
+            let then = then.map(|f| move |r: usize, c: usize, v: &mut [f32]| f(r + r0, c + c0, v));
+            let then = then.as_ref().map(|f| f as Then);
+            let size = (at.rows, bt.cols);
+            // Safety: each task writes its own block of `dst`.
+            product(d.at(offset), dst_rs, size, at, bt, acc, scale, 1, then)
+        },
+    );
+}
+
+/// `dst (a.rows × b.cols, row stride dst_rs) = [dst +] scale · a · b` by the gemm crate alone
+/// (its packing, its threading as `parallelism` says).
+///
+/// # Safety
+/// As [`gemm_raw`]'s destination.
+pub unsafe fn crate_gemm(
+    dst: *mut f32,
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    acc: Acc,
+    scale: f32,
+    parallelism: Parallelism,
+) {
     // gemm computes dst = alpha·dst + beta·(lhs·rhs), reading dst only when asked to.
     gemm::gemm(
-        m,
-        n,
-        k,
+        a.rows,
+        b.cols,
+        a.cols,
         dst,
         1,
         dst_rs as isize,
@@ -247,8 +282,7 @@ unsafe fn product(
         false,
         false,
         parallelism,
-    );
-    rows_then(dst, dst_rs, m, n, then);
+    )
 }
 
 /// `then` on every row of `dst` (`m × n`, rows `dst_rs` apart), in parallel.
@@ -273,11 +307,13 @@ pub fn threads() -> usize {
     candle_core::utils::get_num_threads()
 }
 
+/// Test helpers shared by the product kernels' tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod testing {
+    use super::Mat;
 
-    fn naive(a: Mat, b: Mat) -> Vec<f64> {
+    /// `a · b` in f64, row-major `[a.rows, b.cols]`.
+    pub fn naive(a: Mat, b: Mat) -> Vec<f64> {
         let mut c = vec![0f64; a.rows * b.cols];
         for i in 0..a.rows {
             for j in 0..b.cols {
@@ -290,18 +326,27 @@ mod tests {
         c
     }
 
+    /// `len` values in [-0.6, 0.6) from a short cycle (`step` apart modulo `period`).
+    pub fn filled(len: usize, step: usize, period: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * step) % period) as f32 * 0.1 - 0.6)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{filled, naive};
+    use super::*;
+
     #[test]
     fn split_by_columns_matches_a_plain_product() {
         // n = 1100 columns over 2 threads: the column-block path (blocks of 560 and 540),
         // for x·Wᵀ (through `packed` where the CPU has AVX-512), g·W and gᵀ·x layouts, into a
         // column block of a wider destination, overwriting and then accumulating.
         let (m, k, n, rs) = (37, 40, 1100, 1107);
-        let a: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
-            .collect();
-        let w: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 5) % 11) as f32 * 0.1 - 0.5)
-            .collect();
+        let a = filled(m * k, 7, 13);
+        let w = filled(n * k, 5, 11);
         let layouts = [
             (Mat::rm(&a, m, k), Mat::rm(&w, n, k).t()),
             (Mat::rm(&a, m, k), Mat::rm(&w, k, n)),
@@ -333,12 +378,8 @@ mod tests {
         // A transposed view of A with m ≥ 4n (the decoder's weight gradient's layout): the
         // row-block path over 2 threads (blocks of 1040 and 1020 rows).
         let (m, k, n, rs) = (2060, 23, 300, 303);
-        let a: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
-            .collect();
-        let b: Vec<f32> = (0..k * n)
-            .map(|i| ((i * 5) % 11) as f32 * 0.1 - 0.5)
-            .collect();
+        let a = filled(m * k, 7, 13);
+        let b = filled(k * n, 5, 11);
         let (am, bm) = (Mat::rm(&a, k, m).t(), Mat::rm(&b, k, n));
         let want = naive(am, bm);
         let mut dst = vec![7f32; (m - 1) * rs + n];
@@ -361,12 +402,8 @@ mod tests {
         // on AVX-512 CPUs, split over 2 threads), and sizes the fallback pass takes (n < 64).
         for (m, k, n) in [(70, 40, 1100), (130, 300, 200), (9, 7, 30)] {
             let rs = n + 3;
-            let a: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
-                .collect();
-            let w: Vec<f32> = (0..n * k)
-                .map(|i| ((i * 5) % 11) as f32 * 0.1 - 0.5)
-                .collect();
+            let a = filled(m * k, 7, 13);
+            let w = filled(n * k, 5, 11);
             for (am, bm) in [
                 (Mat::rm(&a, m, k), Mat::rm(&w, n, k).t()),
                 (Mat::rm(&a, m, k), Mat::rm(&w, k, n)),

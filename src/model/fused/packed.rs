@@ -1,15 +1,16 @@
 //! A single-threaded blocked product over the gemm crate's own AVX-512 microkernel
-//! (`gemm_f32::microkernel::avx512f`), with packing of our own.
+//! (`gemm_f32::microkernel::avx512f`), with packing of our own and room for work on each
+//! finished strip of the result.
 //!
-//! Why not `gemm::gemm` for everything: gemm packs an operand that is stored across the
-//! direction it needs one element at a time (a scalar load and store per element). Two of the
-//! training step's layouts hit that: the forward's `x·Wᵀ` (W `[out, in]` as PyTorch stores it,
-//! the trainable student's layout) and the weight gradient `gᵀ·x`, where gemm's packing of
-//! `gᵀ` walks one row of g per element group (a new page for each of a block's 512 rows).
-//! Here a transposed operand is packed with 16×16 AVX-512 register transposes, and `gᵀ` a block
-//! of rows at a time, so every layout runs as fast as the best one (`cargo bench --bench
-//! gemm_shapes -- base`, "own" lines). The microkernel, the blocking (`kernel_params`) and the
-//! loop order are gemm's; only the packing differs.
+//! Why not `gemm::gemm` for everything: gemm packs an operand stored across the direction it
+//! needs one element at a time (a scalar load and store per element), the layout of `x·Wᵀ` with
+//! W `[out, in]` as PyTorch stores it (the trainable student's forward, the MLM decoder's
+//! `x·Eᵀ`, the attention's `q·kᵀ`). Here such an operand is packed with 16×16 AVX-512 register
+//! transposes: 3–15% faster products (`IMPL=crate` / `IMPL=packed SPLIT=n cargo bench --bench
+//! gemm_shapes -- base 2`). And since the loop is ours, a [`Then`] runs on each strip of NR
+//! rows right after the microkernel wrote it, still in L1: a linear's bias, activation and
+//! dropout, the FFN backward's `act'`, which were passes over the whole output after the
+//! product. The microkernel, the blocking (`kernel_params`) and the loop order are gemm's.
 //!
 //! In gemm's terms the product is column-major: our row-major `dst (m × n) = a · b` is
 //! `dstᵀ (n × m) = bᵀ · aᵀ`, so gemm's left operand `L` is `bᵀ` (rows = our columns) and its
@@ -393,20 +394,8 @@ unsafe fn transpose16(
 
 #[cfg(test)]
 mod tests {
+    use super::super::gemm::testing::{filled, naive};
     use super::*;
-
-    fn naive(a: Mat, b: Mat) -> Vec<f64> {
-        let mut c = vec![0f64; a.rows * b.cols];
-        for i in 0..a.rows {
-            for j in 0..b.cols {
-                for p in 0..a.cols {
-                    c[i * b.cols + j] +=
-                        a.data[i * a.rs + p * a.cs] as f64 * b.data[p * b.rs + j * b.cs] as f64;
-                }
-            }
-        }
-        c
-    }
 
     #[test]
     fn every_layout_and_edge_matches_a_plain_product() {
@@ -418,12 +407,8 @@ mod tests {
         // four layouts, into a column block of a wider destination, overwriting then adding.
         for &(m, k, n) in &[(13, 37, 70), (100, 600, 129), (64, 64, 64), (150, 1030, 77)] {
             let rs = n + 5;
-            let a: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
-                .collect();
-            let w: Vec<f32> = (0..n * k)
-                .map(|i| ((i * 5) % 11) as f32 * 0.1 - 0.5)
-                .collect();
+            let a = filled(m * k, 7, 13);
+            let w = filled(n * k, 5, 11);
             let layouts = [
                 (Mat::rm(&a, m, k), Mat::rm(&w, n, k).t()),
                 (Mat::rm(&a, m, k), Mat::rm(&w, k, n)),
