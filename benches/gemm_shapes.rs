@@ -225,6 +225,13 @@ fn run(base: bool, threads: usize, split_by: Option<&str>) {
             std::process::exit(2);
         }
     };
+    if split_by.is_some_and(|s| s != "m" && s != "n") {
+        eprintln!(
+            "SPLIT must be m or n, not '{}'",
+            split_by.unwrap_or_default()
+        );
+        std::process::exit(2);
+    }
     if imp != Impl::Auto && split_by.is_none() {
         eprintln!("IMPL applies to the SPLIT=n or SPLIT=m products; set SPLIT too");
         std::process::exit(2);
@@ -268,7 +275,7 @@ fn run(base: bool, threads: usize, split_by: Option<&str>) {
                         let (am, bm) = sh.mats(&a[j * ma..(j + 1) * ma], &b[j * mb..(j + 1) * mb]);
                         gemm(c, sh.n, am, bm, Acc::Overwrite, 1.0, 1)
                     });
-                } else if let Some(by) = split_by.filter(|s| *s == "m" || *s == "n") {
+                } else if let Some(by) = split_by {
                     split(&sh, &a, &b, &mut c, threads, by == "m", imp);
                 } else {
                     let (am, bm) = sh.mats(&a, &b);

@@ -360,8 +360,8 @@ impl CustomOp1 for LayerOp {
                 dropout(self.masks.attn_out.as_ref(), h),
             );
             let a = forward_all(&a_d, Some(x), g1, be1, self.eps);
-            // The bias and the activation in one pass after the product; the pre-activation
-            // kept beside the activation when training.
+            // The bias and the activation on each piece of the product as it is finished;
+            // the pre-activation kept beside the activation when training.
             let mut i_pre = uninit(rows * f);
             let w1t = wt(t.map(|t| &t.intermediate[..]), w1, h, f);
             let i = if self.keep {
@@ -436,8 +436,8 @@ impl CustomOp1 for LayerOp {
                     // LN₂ over o_d + a.
                     let (mut da, dg2, dbe2) = backward_all(&o_d, Some(&a), dy, g2, self.eps);
                     let d_o = masked_copy(&da, self.masks.output.as_ref());
-                    // FFN out: di = do·W₂, then through the activation.
-                    // di is multiplied by act'(pre) piece by piece as the product finishes it.
+                    // FFN out: di = do·W₂, multiplied by act'(pre) piece by piece as the
+                    // product finishes it.
                     let mut di = uninit(rows * f);
                     let act_grad = |row: usize, c0: usize, g: &mut [f32]| {
                         let at = row * f + c0;

@@ -198,7 +198,6 @@ impl CustomOp1 for SinkLinearOp {
 /// AVX-512 CPUs), else in a parallel pass after it. `wt` is `Wᵀ` `[inp, out]`: [`weight_t`]
 /// of the checkpoint's `[out, inp]` (a stride swap), or a transpose stored as such (frozen
 /// layers, see [`super::block::Transposed`]).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_then(
     y: &mut [f32],
     y_rs: usize,
@@ -219,7 +218,6 @@ pub(crate) fn forward_then(
 
 /// [`forward_then`] into `pre` (`[rows, out]`, the pre-activation a backward needs), with
 /// `post` applied to a copy of each piece in the same pass; returns the copies, `[rows, out]`.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_kept(
     pre: &mut [f32],
     x: &[f32],

@@ -251,13 +251,6 @@ unsafe fn pack_l_block(dst: *mut f32, l: Operand, mb: usize, kb: usize) {
                 let v = (src.at(0, p) as *const [f32; MR]).read_unaligned();
                 (panel.add(p * MR) as *mut [f32; MR]).write(v);
             }
-        } else if src.rs == 1 {
-            for p in 0..kb {
-                let d = panel.add(p * MR);
-                for i in 0..MR {
-                    *d.add(i) = if i < rows { *src.at(i, p) } else { 0.0 };
-                }
-            }
         } else if src.cs == 1 {
             // Rows of L contiguous (W in x·Wᵀ): 16×16 register transposes.
             for g in 0..MR / LANES {
@@ -277,6 +270,7 @@ unsafe fn pack_l_block(dst: *mut f32, l: Operand, mb: usize, kb: usize) {
                 }
             }
         } else {
+            // A partial last panel, or other strides.
             for p in 0..kb {
                 for i in 0..MR {
                     *panel.add(p * MR + i) = if i < rows { *src.at(i, p) } else { 0.0 };
