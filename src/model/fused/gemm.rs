@@ -177,7 +177,7 @@ unsafe fn product(
         split(dst, dst_rs, (m, n), a, b, (acc, scale, then), how);
         return;
     }
-    if threads <= 1 && super::packed::suits(&a, &b, then.is_some()) {
+    if threads <= 1 && super::packed::suits(&a, &b) {
         super::packed::gemm(dst, dst_rs, a, b, acc, scale, then);
         return;
     }
