@@ -112,9 +112,11 @@ run_ours() { timed distil "$exe" "${common[@]}" "${extra[@]}"; }
 # PyTorch gets the allocator settings distil gives itself (src/util/alloc.rs): large blocks
 # kept on the heap instead of mapped and unmapped each step. With glibc's defaults its
 # backward paid page faults for every gradient buffer and varied from 0.65 to 1.17 s a
-# BERT-base distillation step between hosts and hours (0.64-0.79 s with these). TORCH_MALLOC=default
-# runs it with glibc's defaults.
-torch_env=(MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 MALLOC_ARENA_MAX=1)
+# BERT-base distillation step between hosts and hours (0.64-0.79 s with these). And the
+# transparent huge pages distil asks glibc for (measured on PyTorch's side: within noise,
+# 1.85 vs 1.83 s a step over 3 pairs). TORCH_MALLOC=default runs it with glibc's defaults.
+torch_env=(MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 MALLOC_ARENA_MAX=1
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1)
 case ${TORCH_MALLOC:-tuned} in
     tuned) ;;
     default) torch_env=() ;;

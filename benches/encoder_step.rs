@@ -199,7 +199,8 @@ fn main() -> Result<()> {
     if args.iters == 0 {
         bail!("--iters must be at least 1");
     }
-    // What `distil` itself does first: malloc tuning and candle's element-wise pool.
+    // What `distil` itself does first: huge pages (an exec of this program with a glibc
+    // tunable), malloc tuning and candle's element-wise pool.
     distil::util::threads::init_runtime();
     let dev = Device::Cpu;
     let (layers, hidden, heads, ffn, vocab) = dims(args.shape);

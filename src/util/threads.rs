@@ -19,8 +19,10 @@ pub fn configure_threads() {
     }
 }
 
-/// Everything a process that trains should set up first: the allocator and the threads.
+/// Everything a process that trains should set up first: huge pages (which may run the
+/// program again, see [`super::alloc::use_huge_pages`]), the allocator and the threads.
 pub fn init_runtime() {
+    super::alloc::use_huge_pages();
     super::alloc::tune_allocator();
     configure_threads();
 }
