@@ -487,7 +487,7 @@ mod tests {
         for m in [65, 321, 700, 1152, 3072] {
             let mc = narrowed(512, m, NARROW_MC);
             assert!(
-                mc % MR == 0 && mc <= NARROW_MC && mc * m.div_ceil(mc) >= m,
+                mc.is_multiple_of(MR) && mc <= NARROW_MC && mc * m.div_ceil(mc) >= m,
                 "{m}: {mc}"
             );
         }
