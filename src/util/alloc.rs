@@ -37,12 +37,13 @@ pub fn tune_allocator() {
 
 /// The glibc tunable that makes malloc ask for transparent huge pages (`madvise`) on the
 /// memory it takes from the kernel (glibc 2.35 and later; older ones ignore it).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 const THP_TUNABLE: &str = "glibc.malloc.hugetlb";
 
 /// Runs this program again (`exec`, same process, same arguments) with `GLIBC_TUNABLES`
 /// asking glibc's malloc for transparent huge pages, when the kernel hands them out only on
 /// request (`/sys/kernel/mm/transparent_hugepage/enabled` is `madvise`). Call first thing in
-/// `main`: nothing done before it survives. A no-op when the tunable is set already (by the
+/// `main`: nothing done before it survives but the environment. A no-op when the tunable is set already (by the
 /// user, or by this call before the `exec`), when the kernel gives huge pages to every
 /// process anyway or to none, off Linux/glibc, and if the `exec` fails.
 ///
@@ -78,6 +79,7 @@ pub fn use_huge_pages() {
 
 /// `GLIBC_TUNABLES` with the huge-page tunable added, or `None` when it names it already
 /// (whatever its value: the user's choice, or this program's own after its `exec`).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn with_thp(tunables: &str) -> Option<String> {
     if tunables.contains(THP_TUNABLE) {
         None
@@ -96,7 +98,7 @@ fn thp_on_request() -> bool {
         .is_ok_and(|s| s.contains("[madvise]"))
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux", target_env = "gnu"))]
 mod tests {
     use super::with_thp;
 

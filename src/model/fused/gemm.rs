@@ -326,6 +326,31 @@ pub(crate) mod testing {
         c
     }
 
+    /// Asserts that the `m × n` block at the start of `dst` (rows `rs` apart) holds `want(i,
+    /// j)` to within `tol(want)`, and that the gaps between its rows still hold the fill value
+    /// 7.0 the tests write first (nothing outside the block was written). `what` names the case.
+    pub fn assert_block(
+        dst: &[f32],
+        rs: usize,
+        (m, n): (usize, usize),
+        want: impl Fn(usize, usize) -> f64,
+        tol: impl Fn(f64) -> f64,
+        what: &str,
+    ) {
+        for i in 0..m {
+            for j in 0..n {
+                let (got, w) = (dst[i * rs + j] as f64, want(i, j));
+                assert!((got - w).abs() < tol(w), "{what} ({i}, {j}) {got} vs {w}");
+            }
+            if i + 1 < m {
+                assert!(
+                    dst[i * rs + n..(i + 1) * rs].iter().all(|&v| v == 7.0),
+                    "{what}: row {i}'s gap was written"
+                );
+            }
+        }
+    }
+
     /// `len` values in [-0.6, 0.6) from a short cycle (`step` apart modulo `period`).
     pub fn filled(len: usize, step: usize, period: usize) -> Vec<f32> {
         (0..len)
@@ -336,7 +361,7 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::{filled, naive};
+    use super::testing::{assert_block, filled, naive};
     use super::*;
 
     #[test]
@@ -357,19 +382,11 @@ mod tests {
             let mut dst = vec![7f32; (m - 1) * rs + n + 3];
             for (acc, factor) in [(Acc::Overwrite, 1.0), (Acc::Add, 2.0)] {
                 gemm(&mut dst[3..], rs, am, bm, acc, 1.0, 2);
-                for i in 0..m {
-                    for j in 0..n {
-                        let got = dst[3 + i * rs + j] as f64;
-                        let w = factor * want[i * n + j];
-                        assert!((got - w).abs() < 1e-4, "({i}, {j}) {got} vs {w} ({acc:?})");
-                    }
-                }
+                let want = |i, j| factor * want[i * n + j];
+                assert_block(&dst[3..], rs, (m, n), want, |_| 1e-4, &format!("{acc:?}"));
             }
-            // Nothing outside the block was written.
+            // Nothing before the block was written.
             assert_eq!(&dst[..3], &[7.0; 3]);
-            assert!((0..m - 1).all(|i| dst[3 + i * rs + n..3 + (i + 1) * rs]
-                .iter()
-                .all(|&v| v == 7.0)));
         }
     }
 
@@ -384,15 +401,7 @@ mod tests {
         let want = naive(am, bm);
         let mut dst = vec![7f32; (m - 1) * rs + n];
         gemm(&mut dst, rs, am, bm, Acc::Overwrite, 1.0, 2);
-        for i in 0..m {
-            for j in 0..n {
-                let (got, w) = (dst[i * rs + j] as f64, want[i * n + j]);
-                assert!((got - w).abs() < 1e-4, "({i}, {j}) {got} vs {w}");
-            }
-            if i + 1 < m {
-                assert!(dst[i * rs + n..(i + 1) * rs].iter().all(|&v| v == 7.0));
-            }
-        }
+        assert_block(&dst, rs, (m, n), |i, j| want[i * n + j], |_| 1e-4, "rows");
     }
 
     #[test]
@@ -416,19 +425,8 @@ mod tests {
                     }
                 };
                 gemm_then(&mut dst, rs, am, bm, 2, &then);
-                for i in 0..m {
-                    for j in 0..n {
-                        let got = dst[i * rs + j] as f64;
-                        let w = 2.0 * want[i * n + j] + (i * 1000 + j) as f64 * 1e-3;
-                        assert!(
-                            (got - w).abs() < 1e-3,
-                            "{m}x{k}x{n} ({i}, {j}) {got} vs {w}"
-                        );
-                    }
-                    if i + 1 < m {
-                        assert!(dst[i * rs + n..(i + 1) * rs].iter().all(|&v| v == 7.0));
-                    }
-                }
+                let want = |i, j| 2.0 * want[i * n + j] + (i * 1000 + j) as f64 * 1e-3;
+                assert_block(&dst, rs, (m, n), want, |_| 1e-3, &format!("{m}x{k}x{n}"));
             }
         }
     }

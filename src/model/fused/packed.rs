@@ -123,7 +123,7 @@ unsafe fn run(
     // student forward -8/-6, head -2). The whole depth with gemm's wider blocks (1.5 MB of L,
     // more than its share of L2) was 93 ms slower.
     let (kc, mc) = if k <= ONE_BLOCK && kc < k {
-        (k, narrowed(mc, mp, NARROW_MC))
+        (k, narrowed(mc, mp))
     } else {
         (kc, mc)
     };
@@ -220,13 +220,13 @@ const ONE_BLOCK: usize = 768;
 /// own 512 × 512.
 const NARROW_MC: usize = 5 * MR;
 
-/// `mc` (a multiple of MR) brought down to at most `cap`, split evenly over `m` rows.
-fn narrowed(mc: usize, m: usize, cap: usize) -> usize {
-    if mc <= cap {
+/// `mc` (a multiple of MR) brought down to at most NARROW_MC, split evenly over `m` rows.
+fn narrowed(mc: usize, m: usize) -> usize {
+    if mc <= NARROW_MC {
         return mc;
     }
-    let blocks = m.div_ceil(cap);
-    (m.div_ceil(blocks * MR) * MR).min(cap)
+    let blocks = m.div_ceil(NARROW_MC);
+    (m.div_ceil(blocks * MR) * MR).min(NARROW_MC)
 }
 
 /// The packed panels' alignment in bytes (gemm's own): a register load never straddles two
@@ -422,7 +422,7 @@ unsafe fn transpose16(
 
 #[cfg(test)]
 mod tests {
-    use super::super::gemm::testing::{filled, naive};
+    use super::super::gemm::testing::{assert_block, filled, naive};
     use super::*;
 
     #[test]
@@ -457,35 +457,26 @@ mod tests {
                 for (acc, factor) in [(Acc::Overwrite, 0.5), (Acc::Add, 1.0)] {
                     // Safety: AVX-512 checked above; dst holds the block.
                     unsafe { gemm(dst[3..].as_mut_ptr(), rs, am, bm, acc, 0.5, None) };
-                    for i in 0..m {
-                        for j in 0..n {
-                            let got = dst[3 + i * rs + j] as f64;
-                            let w = factor * want[i * n + j];
-                            assert!(
-                                (got - w).abs() < 1e-3 * (1.0 + w.abs()),
-                                "{m}x{k}x{n} ({i}, {j}) {got} vs {w} ({acc:?})"
-                            );
-                        }
-                    }
+                    let want = |i, j| factor * want[i * n + j];
+                    let tol = |w: f64| 1e-3 * (1.0 + w.abs());
+                    let what = format!("{m}x{k}x{n} ({acc:?})");
+                    assert_block(&dst[3..], rs, (m, n), want, tol, &what);
                 }
                 assert_eq!(&dst[..3], &[7.0; 3]);
-                assert!((0..m - 1).all(|i| dst[3 + i * rs + n..3 + (i + 1) * rs]
-                    .iter()
-                    .all(|&v| v == 7.0)));
             }
         }
     }
 
     #[test]
     fn narrowed_blocks_are_even_multiples_of_mr() {
-        assert_eq!(narrowed(256, 1000, NARROW_MC), 256);
+        assert_eq!(narrowed(256, 1000), 256);
         // 1152 rows: 4 blocks of 320 (the last 192).
-        assert_eq!(narrowed(512, 1152, NARROW_MC), 320);
+        assert_eq!(narrowed(512, 1152), 320);
+        assert_eq!(narrowed(512, 1536), 320);
         // 384 rows: 2 blocks of 192 rather than 320 + 64.
-        assert_eq!(narrowed(512, 1536, NARROW_MC), 320);
-        assert_eq!(narrowed(512, 384, NARROW_MC), 192);
+        assert_eq!(narrowed(512, 384), 192);
         for m in [65, 321, 700, 1152, 3072] {
-            let mc = narrowed(512, m, NARROW_MC);
+            let mc = narrowed(512, m);
             assert!(
                 mc.is_multiple_of(MR) && mc <= NARROW_MC && mc * m.div_ceil(mc) >= m,
                 "{m}: {mc}"
