@@ -6,12 +6,10 @@
 //! `dW = g'ᵀ · x` (again strides only) and `db = Σ_rows g'`.
 
 use super::dropout::Mask;
-use super::gemm::{gemm, gemm_then, threads, Acc, Mat, Then};
+use super::gemm::{gemm, gemm_row_sums, gemm_then, threads, Acc, Mat, Then};
 use super::grads::GradSink;
 use super::math::{act_grad_mul, act_slice};
-use super::{
-    column_sums_rs, copy_then, cpu_out, cpu_slice, rows_per_chunk, tensor, uninit, Read, SharedMut,
-};
+use super::{copy_then, cpu_out, cpu_slice, rows_per_chunk, tensor, uninit, Read, SharedMut};
 use crate::model::config::Activation;
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
@@ -297,16 +295,16 @@ pub(crate) fn backward_into(
         }
         None => gemm(dx, inp, g, Mat::rm(w, out, inp), acc, 1.0, threads()),
     }
-    gemm(
+    let mut db = uninit(out);
+    gemm_row_sums(
         &mut dw,
         inp,
         g.t(),
         Mat::rm(x, rows, inp),
-        Acc::Overwrite,
-        1.0,
         threads(),
+        &mut db,
     );
-    (dw, column_sums_rs(gp, rows, out, g_rs))
+    (dw, db)
 }
 
 /// `dropout(act(x · Wᵀ + b))` for `x` `[.., in]`, `W` `[out, in]`, `b` `[out]` (f32, CPU).

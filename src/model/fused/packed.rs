@@ -60,11 +60,14 @@ thread_local! {
 
 /// `dst (m × n, row stride dst_rs) = [dst +] scale · a · b` on this thread, then `then` on
 /// each strip of rows (a microkernel's NR rows by up to one block of columns) as soon as it
-/// is final.
+/// is final. With `sums`, also `sums[i] = Σ_k a[i][k]` (the m row sums of `a`), added up
+/// while `a` is packed: the bias gradient `Σ_rows g` of a weight gradient `gᵀ·x` without a
+/// pass of its own over `g`.
 ///
 /// # Safety
-/// `dst` must be valid for `(m - 1) * dst_rs + n` elements, not written by anyone else during
-/// the call, and [`available`] must be true.
+/// `dst` must be valid for `(m - 1) * dst_rs + n` elements and `sums` for m, neither written
+/// by anyone else during the call, and [`available`] must be true.
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm(
     dst: *mut f32,
     dst_rs: usize,
@@ -73,18 +76,19 @@ pub unsafe fn gemm(
     acc: Acc,
     scale: f32,
     then: Option<Then>,
+    sums: Option<*mut f32>,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
         debug_assert!(available());
         BUFS.with(|bufs| {
             let (lbuf, rbuf) = &mut *bufs.borrow_mut();
-            run(dst, dst_rs, a, b, (acc, scale, then), lbuf, rbuf)
+            run(dst, dst_rs, a, b, (acc, scale, then, sums), lbuf, rbuf)
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (dst, dst_rs, a, b, acc, scale, then);
+        let _ = (dst, dst_rs, a, b, acc, scale, then, sums);
         unreachable!("packed::gemm needs AVX-512")
     }
 }
@@ -96,7 +100,7 @@ unsafe fn run(
     dst_rs: usize,
     a: Mat,
     b: Mat,
-    (acc, scale, then): (Acc, f32, Option<Then>),
+    (acc, scale, then, sums): (Acc, f32, Option<Then>, Option<*mut f32>),
     lbuf: &mut Vec<f32>,
     rbuf: &mut Vec<f32>,
 ) {
@@ -134,7 +138,12 @@ unsafe fn run(
     };
     // R is read in place when a column of it (a row of a) is contiguous, as gemm does for
     // products whose L is not huge.
-    let pack_r = r.rs != 1 || mp > 128 * MR;
+    // R is a's transpose: its column sums are the row sums asked for, added up as it is
+    // packed (so it is packed when they are asked for).
+    let pack_r = sums.is_some() || r.rs != 1 || mp > 128 * MR;
+    if let Some(s) = sums {
+        std::ptr::write_bytes(s, 0, np);
+    }
     let lpack = aligned(lbuf, mc.div_ceil(MR) * MR * kc);
     let rpack = aligned(rbuf, if pack_r { nc.div_ceil(NR) * NR * kc } else { 0 });
 
@@ -151,7 +160,7 @@ unsafe fn run(
                 1
             };
             let (rptr, rrs, rcs) = if pack_r {
-                pack_r_block(rpack, r.shifted(p0, j0), kb, nb);
+                pack_r_block(rpack, r.shifted(p0, j0), kb, nb, sums.map(|s| s.add(j0)));
                 (rpack as *const f32, NR as isize, 1isize)
             } else {
                 (r.at(p0, j0), r.rs as isize, r.cs as isize)
@@ -316,10 +325,10 @@ unsafe fn pack_l_block(dst: *mut f32, l: Operand, mb: usize, kb: usize) {
 
 /// Packs `kb × nb` of R (element `(p, j)` at `r.at(p, j)`) into panels of NR columns: panel `u`
 /// holds columns `u·NR..` as `kb` groups of NR values (`dst[u·NR·kb + p·NR + j]`), columns past
-/// `nb` zero.
+/// `nb` zero. With `sums`, adds column `j`'s `kb` values to `sums[j]` (in order of depth).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn pack_r_block(dst: *mut f32, r: Operand, kb: usize, nb: usize) {
+unsafe fn pack_r_block(dst: *mut f32, r: Operand, kb: usize, nb: usize, sums: Option<*mut f32>) {
     let panels = nb.div_ceil(NR);
     if r.cs == 1 {
         // Rows of R contiguous (gᵀ in the weight gradient gᵀ·x): a block of 16 depths at a
@@ -330,6 +339,30 @@ unsafe fn pack_r_block(dst: *mut f32, r: Operand, kb: usize, nb: usize) {
             for u in 0..panels {
                 let cols = NR.min(nb - u * NR);
                 let panel = dst.add(u * NR * kb);
+                if let (Some(s), true) = (sums, cols == NR) {
+                    // The copy with masked registers, summing the depths in one of them.
+                    use std::arch::x86_64::*;
+                    const SIX: __mmask16 = (1 << NR) - 1;
+                    let mut acc = _mm512_setzero_ps();
+                    for p in p0..p0 + depth {
+                        let v = _mm512_maskz_loadu_ps(SIX, r.at(p, u * NR));
+                        _mm512_mask_storeu_ps(panel.add(p * NR), SIX, v);
+                        acc = _mm512_add_ps(acc, v);
+                    }
+                    let t = _mm512_add_ps(_mm512_maskz_loadu_ps(SIX, s.add(u * NR)), acc);
+                    _mm512_mask_storeu_ps(s.add(u * NR), SIX, t);
+                    continue;
+                }
+                if let Some(s) = sums {
+                    // Summed as the full panels are: the block's depths, then into sums.
+                    for j in 0..cols {
+                        let mut total = 0f32;
+                        for p in p0..p0 + depth {
+                            total += *r.at(p, u * NR + j);
+                        }
+                        *s.add(u * NR + j) += total;
+                    }
+                }
                 for p in p0..p0 + depth {
                     let d = panel.add(p * NR);
                     if cols == NR {
@@ -349,8 +382,14 @@ unsafe fn pack_r_block(dst: *mut f32, r: Operand, kb: usize, nb: usize) {
             let cols = NR.min(nb - u * NR);
             let panel = dst.add(u * NR * kb);
             for j in 0..NR {
+                let mut total = 0f32;
                 for p in 0..kb {
-                    *panel.add(p * NR + j) = if j < cols { *r.at(p, u * NR + j) } else { 0.0 };
+                    let v = if j < cols { *r.at(p, u * NR + j) } else { 0.0 };
+                    *panel.add(p * NR + j) = v;
+                    total += v;
+                }
+                if let (Some(s), true) = (sums, j < cols) {
+                    *s.add(u * NR + j) += total;
                 }
             }
         }
@@ -456,13 +495,29 @@ mod tests {
                 let mut dst = vec![7f32; (m - 1) * rs + n + 3];
                 for (acc, factor) in [(Acc::Overwrite, 0.5), (Acc::Add, 1.0)] {
                     // Safety: AVX-512 checked above; dst holds the block.
-                    unsafe { gemm(dst[3..].as_mut_ptr(), rs, am, bm, acc, 0.5, None) };
+                    unsafe { gemm(dst[3..].as_mut_ptr(), rs, am, bm, acc, 0.5, None, None) };
                     let want = |i, j| factor * want[i * n + j];
                     let tol = |w: f64| 1e-3 * (1.0 + w.abs());
                     let what = format!("{m}x{k}x{n} ({acc:?})");
                     assert_block(&dst[3..], rs, (m, n), want, tol, &what);
                 }
                 assert_eq!(&dst[..3], &[7.0; 3]);
+                // With the row sums of a (added up while a is packed as R, in blocks of 16
+                // depths, full and partial panels of NR), the product unchanged.
+                let mut sums = vec![f32::NAN; m + 1];
+                // Safety: as above; sums holds m values.
+                unsafe {
+                    let (d, s) = (dst[3..].as_mut_ptr(), sums.as_mut_ptr());
+                    gemm(d, rs, am, bm, Acc::Overwrite, 1.0, None, Some(s))
+                };
+                let tol = |w: f64| 1e-3 * (1.0 + w.abs());
+                let what = format!("{m}x{k}x{n} with sums");
+                assert_block(&dst[3..], rs, (m, n), |i, j| want[i * n + j], tol, &what);
+                for (i, &got) in sums[..m].iter().enumerate() {
+                    let want: f64 = (0..k).map(|p| am.data[i * am.rs + p * am.cs] as f64).sum();
+                    assert!((got as f64 - want).abs() < tol(want), "{what}: sum {i}");
+                }
+                assert!(sums[m].is_nan(), "{what}: wrote past the sums");
             }
         }
     }
