@@ -56,7 +56,121 @@ impl Dims {
 
 /// Row-wise softmax of the scores of batch row `bi`, keys masked out get probability 0.
 fn softmax(p: &mut [f32], key_mask: Option<&[u8]>, bi: usize, s: usize) {
-    softmax_rows(p, key_mask.map(|m| &m[bi * s..(bi + 1) * s]), s);
+    let mask = key_mask.map(|m| &m[bi * s..(bi + 1) * s]);
+    #[cfg(target_arch = "x86_64")]
+    if super::math::avx512::available() {
+        // Safety: the CPU has AVX-512F.
+        return unsafe { softmax_rows_avx512(p, mask, s) };
+    }
+    softmax_rows(p, mask, s);
+}
+
+/// [`softmax_rows`] with AVX-512 intrinsics: each row's max, exp and sum in 16-lane registers
+/// with the key mask as register masks (drawn once for all the rows), `exp` as
+/// [`super::math::avx512`]'s; rows of up to 128 keys stay in registers, two rows at a time.
+/// One (batch, head) of 128 × 128 on one thread, hot: 12.9 µs with the compiler's
+/// vectorisation of the scalar version, 6.3 µs so (each with a 64 KB copy to start from);
+/// BERT-base forward, in-process alternating steps: -6.3 ± 4.0 ms (40 pairs, 27 won).
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_rows_avx512(p: &mut [f32], mask: Option<&[u8]>, s: usize) {
+    use super::math::avx512::exp16;
+    use std::arch::x86_64::*;
+    if s == 0 {
+        return;
+    }
+    // Per 16 keys: the lanes inside the row, and of those the keys that may be attended to.
+    let chunks = s.div_ceil(16);
+    let mut lanes = vec![0u16; chunks];
+    let mut keep = vec![0u16; chunks];
+    for c in 0..chunks {
+        for j in 0..16.min(s - 16 * c) {
+            lanes[c] |= 1 << j;
+            if mask.is_none_or(|m| m[16 * c + j] != 0) {
+                keep[c] |= 1 << j;
+            }
+        }
+    }
+    if chunks <= 8 {
+        // Rows of up to 128 keys held in registers, two rows at a time.
+        let mut rows = p.chunks_exact_mut(2 * s);
+        for pair in &mut rows {
+            let r = pair.as_mut_ptr();
+            let mut v = [[_mm512_setzero_ps(); 8]; 2];
+            let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); 2];
+            for (t, vt) in v.iter_mut().enumerate() {
+                for c in 0..chunks {
+                    vt[c] = _mm512_maskz_loadu_ps(lanes[c], r.add(t * s + 16 * c));
+                    mx[t] = _mm512_mask_max_ps(mx[t], keep[c], mx[t], vt[c]);
+                }
+            }
+            let m = [_mm512_reduce_max_ps(mx[0]), _mm512_reduce_max_ps(mx[1])];
+            let mut total = [_mm512_setzero_ps(); 2];
+            for t in 0..2 {
+                let mv = _mm512_set1_ps(m[t]);
+                for c in 0..chunks {
+                    v[t][c] = _mm512_maskz_mov_ps(keep[c], exp16(_mm512_sub_ps(v[t][c], mv)));
+                    total[t] = _mm512_add_ps(total[t], v[t][c]);
+                }
+            }
+            for t in 0..2 {
+                let row = r.add(t * s);
+                if m[t] == f32::NEG_INFINITY {
+                    std::slice::from_raw_parts_mut(row, s).fill(1.0 / s as f32);
+                    continue;
+                }
+                let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(total[t]));
+                for c in 0..chunks {
+                    _mm512_mask_storeu_ps(row.add(16 * c), lanes[c], _mm512_mul_ps(v[t][c], inv));
+                }
+            }
+        }
+        let rest = rows.into_remainder();
+        if rest.is_empty() {
+            return;
+        }
+        return softmax_rows_avx512_loop(rest, &lanes, &keep, s);
+    }
+    softmax_rows_avx512_loop(p, &lanes, &keep, s)
+}
+
+/// [`softmax_rows_avx512`] over rows of any length, one pass over the row per stage.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_rows_avx512_loop(p: &mut [f32], lanes: &[u16], keep: &[u16], s: usize) {
+    use super::math::avx512::exp16;
+    use std::arch::x86_64::*;
+    let chunks = lanes.len();
+    for row in p.chunks_exact_mut(s) {
+        let r = row.as_mut_ptr();
+        let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+        for c in 0..chunks {
+            let v = _mm512_maskz_loadu_ps(lanes[c], r.add(16 * c));
+            mx = _mm512_mask_max_ps(mx, keep[c], mx, v);
+        }
+        let m = _mm512_reduce_max_ps(mx);
+        if m == f32::NEG_INFINITY {
+            // No key may be attended to: uniform, as the scalar version.
+            row.fill(1.0 / s as f32);
+            continue;
+        }
+        let mv = _mm512_set1_ps(m);
+        let mut total = _mm512_setzero_ps();
+        for c in 0..chunks {
+            let v = _mm512_maskz_loadu_ps(lanes[c], r.add(16 * c));
+            let e = _mm512_maskz_mov_ps(keep[c], exp16(_mm512_sub_ps(v, mv)));
+            _mm512_mask_storeu_ps(r.add(16 * c), lanes[c], e);
+            total = _mm512_add_ps(total, e);
+        }
+        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(total));
+        for (c, &l) in lanes.iter().enumerate() {
+            let v = _mm512_maskz_loadu_ps(l, r.add(16 * c));
+            _mm512_mask_storeu_ps(r.add(16 * c), l, _mm512_mul_ps(v, inv));
+        }
+    }
 }
 
 /// The forward pass: `out ← softmax(Q·Kᵀ/√d + mask)·V` per (batch, head) task, in parallel.
@@ -425,4 +539,40 @@ pub fn attention(
     };
     Ok(q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn avx512_softmax_matches_the_scalar_one() {
+        if !super::super::math::avx512::available() {
+            eprintln!("no AVX-512 here: the scalar softmax is the only one");
+            return;
+        }
+        // Rows of lengths that leave every tail of a 16-lane register, scores from -30 to 30,
+        // without a mask, with some keys masked, and with every key masked (uniform rows).
+        for s in [1, 7, 16, 100, 128, 129, 300] {
+            let scores: Vec<f32> = (0..5 * s)
+                .map(|i| ((i * 7919 % 601) as f32 - 300.0) / 10.0)
+                .collect();
+            let some: Vec<u8> = (0..s).map(|j| (j % 3 != 1) as u8).collect();
+            let none = vec![0u8; s];
+            for mask in [None, Some(&some[..]), Some(&none[..])] {
+                let mut want = scores.clone();
+                softmax_rows(&mut want, mask, s);
+                let mut got = scores.clone();
+                // Safety: AVX-512 checked above.
+                unsafe { softmax_rows_avx512(&mut got, mask, s) };
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-6 * w.abs() + 1e-30,
+                        "s {s}, mask {:?}, element {i}: {g} vs {w}",
+                        mask.map(|m| m.iter().filter(|&&k| k == 0).count())
+                    );
+                }
+            }
+        }
+    }
 }

@@ -232,9 +232,12 @@ pub mod avx512 {
     }
 
     /// [`super::exp`] on 16 lanes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F (callers are themselves compiled for it).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn exp16(x: __m512) -> __m512 {
+    pub fn exp16(x: __m512) -> __m512 {
         const SHIFT: f32 = 12_582_912.0;
         let c = _mm512_set1_ps;
         let x = _mm512_min_ps(_mm512_max_ps(x, c(-87.5)), c(88.5));
