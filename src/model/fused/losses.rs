@@ -5,56 +5,58 @@
 //! over `[rows, vocab]` tensors. `src/loss/*` dispatches here for f32 CPU tensors;
 //! `tests/fused.rs` compares both paths.
 
-use super::math::{dot, exp, ln, max, sum};
+use super::math::{dot, exp, ln, max, sum, sum_by};
 use super::{cpu_slice, tensor, uninit, Read};
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-/// `log Σ exp(x · scale)` of a row (`scratch`: a row of space).
+/// `log Σ exp(x · scale)` of a row: its max, then the exps summed as they are made.
 #[inline(always)]
-fn logsumexp(x: &[f32], scale: f32, scratch: &mut [f32]) -> f32 {
+fn logsumexp(x: &[f32], scale: f32) -> f32 {
     let m = max(x) * scale;
-    for (s, &v) in scratch.iter_mut().zip(x) {
-        *s = exp(v * scale - m);
-    }
-    m + sum(scratch).ln()
+    m + sum_by(x, |v| exp(v * scale - m)).ln()
 }
 
 // The per-row kernels, compiled for AVX-512 and AVX2 with a run-time choice: the parallel
 // closures that call them are built for baseline x86-64, where `exp` ran four lanes at a
-// time and `ln` was a libm call per element.
+// time and `ln` was a libm call per element. The forward kernels return each row's
+// log-sum-exp, which the backward reuses: its gradient is then one pass, one `exp` an
+// element, where it took a max, an exp and a sum pass again first. BERT-base distillation's
+// 154 × 30522 logits on one thread: KL gradient 7.4 -> 4.0 ms, cross-entropy's 5.4 -> 2.6,
+// cross-entropy 3.3 -> 2.9 (the exps summed as made, not stored), the teacher's softmax
+// 7.0 -> 5.7 (one exp an element, not two).
 
-/// `−log softmax(row)[t]`.
+/// `(−log softmax(row)[t], logsumexp(row))`.
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
     "x86_64+avx2+fma"
 ))]
-fn ce_row(row: &[f32], t: usize, scratch: &mut [f32]) -> f32 {
-    logsumexp(row, 1.0, scratch) - row[t]
+fn ce_row(row: &[f32], t: usize) -> (f32, f32) {
+    let lse = logsumexp(row, 1.0);
+    (lse - row[t], lse)
 }
 
-/// `d = (softmax(row) − onehot(t)) · g`.
+/// `d = (softmax(row) − onehot(t)) · g`, `lse` the row's log-sum-exp.
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
     "x86_64+avx2+fma"
 ))]
-fn ce_grad_row(d: &mut [f32], row: &[f32], t: usize, g: f32) {
-    let lse = logsumexp(row, 1.0, d);
+fn ce_grad_row(d: &mut [f32], row: &[f32], t: usize, g: f32, lse: f32) {
     for (d, &r) in d.iter_mut().zip(row) {
         *d = exp(r - lse) * g;
     }
     d[t] -= g;
 }
 
-/// `Σ p (log p − log softmax(s/T))` of one row (terms with p = 0 are 0).
+/// `(Σ p (log p − log softmax(s/T)), logsumexp(s/T))` of one row (terms with p = 0 are 0).
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
     "x86_64+avx2+fma"
 ))]
-fn kl_row(s: &[f32], p: &[f32], inv_t: f32, scratch: &mut [f32]) -> f32 {
-    let lse = logsumexp(s, inv_t, scratch);
+fn kl_row(s: &[f32], p: &[f32], inv_t: f32) -> (f32, f32) {
+    let lse = logsumexp(s, inv_t);
     // Sixteen accumulators, as `math::sum`, so the loop vectorises.
     let mut acc = [0f32; 16];
     let term = |x: f32, pv: f32| {
@@ -75,31 +77,42 @@ fn kl_row(s: &[f32], p: &[f32], inv_t: f32, scratch: &mut [f32]) -> f32 {
     for (&x, &pv) in cs.remainder().iter().zip(cp.remainder()) {
         total += term(x, pv);
     }
-    total + acc.iter().sum::<f32>()
+    (total + acc.iter().sum::<f32>(), lse)
 }
 
-/// `d = (softmax(s/T) − p) · g`.
+/// `d = (softmax(s/T) − p) · g`, `lse` the row's log-sum-exp at T.
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
     "x86_64+avx2+fma"
 ))]
-fn kl_grad_row(d: &mut [f32], s: &[f32], p: &[f32], inv_t: f32, g: f32) {
-    let lse = logsumexp(s, inv_t, d);
+fn kl_grad_row(d: &mut [f32], s: &[f32], p: &[f32], inv_t: f32, g: f32, lse: f32) {
     for ((d, &x), &pv) in d.iter_mut().zip(s).zip(p) {
         *d = (exp(x * inv_t - lse) - pv) * g;
     }
 }
 
-/// `o = softmax(row / T)`.
+/// `o = softmax(row / T)`: the exps stored and summed, then scaled.
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
     "x86_64+avx2+fma"
 ))]
 fn softmax_row(o: &mut [f32], row: &[f32], inv_t: f32) {
-    let lse = logsumexp(row, inv_t, o);
+    let m = max(row) * inv_t;
     for (o, &r) in o.iter_mut().zip(row) {
-        *o = exp(r * inv_t - lse);
+        *o = exp(r * inv_t - m);
     }
+    let inv = 1.0 / sum(o);
+    for o in o.iter_mut() {
+        *o *= inv;
+    }
+}
+
+/// The rows' log-sum-exps the op's forward kept for its backward (left in place: a second
+/// backward over the same graph reads them again).
+fn saved_lse(saved: &Mutex<Option<Vec<f32>>>, op: &str) -> candle_core::Result<Vec<f32>> {
+    saved.lock().unwrap().clone().ok_or_else(|| {
+        candle_core::Error::Msg(format!("{op}: backward without the forward's log-sum-exps"))
+    })
 }
 
 fn scalar(v: f32) -> CpuStorage {
@@ -118,6 +131,8 @@ fn grad_scalar(grad: &Tensor) -> candle_core::Result<f32> {
 /// Mean over rows of `−log softmax(logits)[target]`.
 struct CrossEntropyOp {
     targets: Arc<Vec<u32>>,
+    /// Each row's log-sum-exp, from the forward to the backward.
+    lse: Mutex<Option<Vec<f32>>>,
 }
 
 impl CustomOp1 for CrossEntropyOp {
@@ -128,14 +143,12 @@ impl CustomOp1 for CrossEntropyOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_slice(s, l, self.name())?;
         let (n, v) = l.shape().dims2()?;
-        let nll: Vec<f32> = x
+        let (nll, lse): (Vec<f32>, Vec<f32>) = x
             .par_chunks(v)
             .zip(self.targets.par_iter())
-            .map_init(
-                || vec![0f32; v],
-                |scr, (row, &t)| ce_row(row, t as usize, scr),
-            )
-            .collect();
+            .map(|(row, &t)| ce_row(row, t as usize))
+            .unzip();
+        *self.lse.lock().unwrap() = Some(lse);
         Ok((scalar(nll.iter().sum::<f32>() / n as f32), Shape::from(())))
     }
 
@@ -144,11 +157,12 @@ impl CustomOp1 for CrossEntropyOp {
         let g = grad_scalar(grad)? / n as f32;
         let xr = Read::new(x)?;
         let mut dx = uninit(n * v);
+        let lse = saved_lse(&self.lse, self.name())?;
         xr.with(|x| {
             dx.par_chunks_mut(v)
                 .zip(x.par_chunks(v))
-                .zip(self.targets.par_iter())
-                .for_each(|((d, row), &t)| ce_grad_row(d, row, t as usize, g))
+                .zip(self.targets.par_iter().zip(&lse))
+                .for_each(|((d, row), (&t, &l))| ce_grad_row(d, row, t as usize, g, l))
         });
         Ok(Some(tensor(dx, &[n, v])?))
     }
@@ -163,6 +177,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     }
     let op = CrossEntropyOp {
         targets: Arc::new(targets.to_vec()),
+        lse: Mutex::new(None),
     };
     Ok(logits.contiguous()?.apply_op1(op)?)
 }
@@ -171,6 +186,8 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
 /// probabilities `p` (no gradient flows to `p`).
 struct SoftKlOp {
     t: f32,
+    /// Each row's log-sum-exp at T, from the forward to the backward.
+    lse: Mutex<Option<Vec<f32>>>,
 }
 
 impl CustomOp2 for SoftKlOp {
@@ -189,11 +206,12 @@ impl CustomOp2 for SoftKlOp {
         let p = cpu_slice(ps, pl, self.name())?;
         let (n, v) = sl.shape().dims2()?;
         let inv_t = 1.0 / self.t;
-        let kl: Vec<f32> = s
+        let (kl, lse): (Vec<f32>, Vec<f32>) = s
             .par_chunks(v)
             .zip(p.par_chunks(v))
-            .map_init(|| vec![0f32; v], |scr, (sr, pr)| kl_row(sr, pr, inv_t, scr))
-            .collect();
+            .map(|(sr, pr)| kl_row(sr, pr, inv_t))
+            .unzip();
+        *self.lse.lock().unwrap() = Some(lse);
         let total = kl.iter().sum::<f32>() * self.t * self.t / n as f32;
         Ok((scalar(total), Shape::from(())))
     }
@@ -211,12 +229,13 @@ impl CustomOp2 for SoftKlOp {
         let g = grad_scalar(grad)? * self.t / n as f32;
         let (sr, pr) = (Read::new(s)?, Read::new(p)?);
         let mut ds = uninit(n * v);
+        let lse = saved_lse(&self.lse, self.name())?;
         sr.with(|s| {
             pr.with(|p| {
                 ds.par_chunks_mut(v)
                     .zip(s.par_chunks(v))
-                    .zip(p.par_chunks(v))
-                    .for_each(|((d, row), prow)| kl_grad_row(d, row, prow, inv_t, g))
+                    .zip(p.par_chunks(v).zip(&lse))
+                    .for_each(|((d, row), (prow, &l))| kl_grad_row(d, row, prow, inv_t, g, l))
             })
         });
         Ok((Some(tensor(ds, &[n, v])?), None))
@@ -231,7 +250,10 @@ pub fn soft_kl(student_logits: &Tensor, teacher_p: &Tensor, t: f64) -> Result<Te
         student_logits.dims(),
         teacher_p.dims()
     );
-    let op = SoftKlOp { t: t as f32 };
+    let op = SoftKlOp {
+        t: t as f32,
+        lse: Mutex::new(None),
+    };
     Ok(student_logits
         .contiguous()?
         .apply_op2(&teacher_p.detach().contiguous()?, op)?)

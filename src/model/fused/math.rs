@@ -305,16 +305,23 @@ pub mod avx512 {
 /// serial chain of adds: the compiler may not reorder float additions).
 #[inline(always)]
 pub fn sum(x: &[f32]) -> f32 {
+    sum_by(x, |v| v)
+}
+
+/// `Σ f(x[i])`, vectorised as [`sum`] (`f` inlined into the loop: an `exp` summed without
+/// storing it first).
+#[inline(always)]
+pub fn sum_by(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0f32; 16];
     let mut chunks = x.chunks_exact(16);
     for c in &mut chunks {
         for i in 0..16 {
-            acc[i] += c[i];
+            acc[i] += f(c[i]);
         }
     }
     let mut total = 0f32;
-    for v in chunks.remainder() {
-        total += v;
+    for &v in chunks.remainder() {
+        total += f(v);
     }
     total + fold16(acc, |a, b| a + b)
 }
