@@ -225,18 +225,20 @@ unsafe fn product(
     row_sums(&a, sums);
 }
 
-/// `sums[i] = Σ_k a[i][k]`, in order of k, when asked for (the products the gemm crate runs).
+/// `sums[i] = Σ_k a[i][k]` when asked for (the products the gemm crate runs): for a
+/// transposed view (`gᵀ`, the weight gradient's) the column sums of `g`, read along its rows
+/// in parallel.
 ///
 /// # Safety
 /// `sums` must be valid for `a.rows` elements that no one else writes meanwhile.
 unsafe fn row_sums(a: &Mat, sums: Option<super::SharedMut>) {
-    if let Some(s) = sums {
-        for i in 0..a.rows {
-            let mut total = 0f32;
-            for k in 0..a.cols {
-                total += a.data[i * a.rs + k * a.cs];
-            }
-            *s.at(i) = total;
+    let Some(s) = sums else { return };
+    let out = std::slice::from_raw_parts_mut(s.at(0), a.rows);
+    if a.rs == 1 && a.cols > 0 {
+        out.copy_from_slice(&super::column_sums_rs(a.data, a.cols, a.rows, a.cs));
+    } else {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = (0..a.cols).map(|k| a.data[i * a.rs + k * a.cs]).sum();
         }
     }
 }

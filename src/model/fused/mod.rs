@@ -142,6 +142,25 @@ pub(crate) fn rows_per_chunk(rows: usize) -> usize {
 /// reduction adds in the same order on every run: resumed runs stay bitwise identical.
 pub(crate) const REDUCE_ROWS: usize = 64;
 
+/// Sums `rows × cols` over its rows (the gradient of a broadcast bias), rows `rs` elements
+/// apart (`rs > cols`: a column block of a wider matrix), in parallel.
+pub(crate) fn column_sums_rs(x: &[f32], rows: usize, cols: usize, rs: usize) -> Vec<f32> {
+    let x = &x[..rows.saturating_sub(1) * rs + if rows > 0 { cols } else { 0 }];
+    let partial: Vec<Vec<f32>> = x
+        .par_chunks(REDUCE_ROWS * rs)
+        .map(|chunk| {
+            let mut acc = vec![0f32; cols];
+            for row in chunk.chunks(rs) {
+                for (a, v) in acc.iter_mut().zip(&row[..cols]) {
+                    *a += v;
+                }
+            }
+            acc
+        })
+        .collect();
+    sum_in_order(partial, cols)
+}
+
 /// Adds per-chunk partial sums in chunk order.
 pub(crate) fn sum_in_order(partial: Vec<Vec<f32>>, cols: usize) -> Vec<f32> {
     let mut it = partial.into_iter();
