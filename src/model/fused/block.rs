@@ -24,10 +24,10 @@ use super::dropout::Mask;
 use super::gemm::Acc;
 use super::gemm::Mat;
 use super::grads::GradSink;
-use super::layer_norm::{backward_all, forward_all};
+use super::layer_norm::{backward_all_masked, forward_all};
 use super::linear::{backward_into, forward_kept, forward_then, weight_t};
 use super::math::{act_grad_mul, act_slice};
-use super::{copy_then, cpu_out, cpu_slice, tensor, uninit, Read, SharedMut};
+use super::{cpu_out, cpu_slice, tensor, uninit, Read, SharedMut};
 use crate::model::config::Activation;
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
@@ -232,14 +232,6 @@ fn dropout(mask: Option<&Mask>, h: usize) -> impl Fn(usize, usize, &mut [f32]) +
     }
 }
 
-/// A copy of `g` through `mask` (the gradient of a dropout), in parallel.
-fn masked_copy(g: &[f32], mask: Option<&Mask>) -> Vec<f32> {
-    match mask {
-        Some(m) => m.masked_copy(g),
-        None => copy_then(g, 1 << 14, |_, _| {}),
-    }
-}
-
 impl LayerOp {
     fn dims(&self, l: &Layout) -> candle_core::Result<(Dims, usize)> {
         let (b, s, h) = l.shape().dims3()?;
@@ -434,8 +426,16 @@ impl CustomOp1 for LayerOp {
             xr.with(|x| {
                 gr.with(|dy| {
                     // LN₂ over o_d + a.
-                    let (mut da, dg2, dbe2) = backward_all(&o_d, Some(&a), dy, g2, self.eps);
-                    let d_o = masked_copy(&da, self.masks.output.as_ref());
+                    // LN₂'s input gradient da, and do = da through the FFN output's dropout
+                    // (da itself without one: it is read before FFN in adds to it).
+                    let (mut da, d_o, dg2, dbe2) = backward_all_masked(
+                        &o_d,
+                        Some(&a),
+                        dy,
+                        g2,
+                        self.eps,
+                        self.masks.output.as_ref(),
+                    );
                     // FFN out: di = do·W₂, multiplied by act'(pre) piece by piece as the
                     // product finishes it.
                     let mut di = uninit(rows * f);
@@ -444,7 +444,7 @@ impl CustomOp1 for LayerOp {
                         act_grad_mul(self.act, g, &i_pre[at..at + g.len()])
                     };
                     let (dw2, db2) = backward_into(
-                        &d_o,
+                        d_o.as_deref().unwrap_or(&da),
                         h,
                         &i,
                         w2,
@@ -461,12 +461,20 @@ impl CustomOp1 for LayerOp {
                         backward_into(&di, f, &a, w1, rows, h, f, &mut da, Acc::Add, None);
                     drop(di);
                     // LN₁ over a_d + x.
-                    let (mut dx, dg1, dbe1) = backward_all(&a_d, Some(x), &da, g1, self.eps);
+                    // LN₁ over a_d + x; the attention output's gradient through its dropout
+                    // (dx itself without one: read before q, k, v add to it).
+                    let (mut dx, da_pre, dg1, dbe1) = backward_all_masked(
+                        &a_d,
+                        Some(x),
+                        &da,
+                        g1,
+                        self.eps,
+                        self.masks.attn_out.as_ref(),
+                    );
                     drop(da);
-                    let da_pre = masked_copy(&dx, self.masks.attn_out.as_ref());
                     let mut dctx = uninit(rows * h);
                     let (dwo, dbo) = backward_into(
-                        &da_pre,
+                        da_pre.as_deref().unwrap_or(&dx),
                         h,
                         &ctx,
                         wo,

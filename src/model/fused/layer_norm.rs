@@ -3,8 +3,11 @@
 //! standard deviation from the input (two cheap passes over a row already in cache) rather
 //! than keeping them.
 
+use super::dropout::Mask;
 use super::math::{dot, sum};
-use super::{cpu_out, cpu_slice, rows_per_chunk, sum_in_order, tensor, uninit, Read, REDUCE_ROWS};
+use super::{
+    cpu_out, cpu_slice, rows_per_chunk, sum_in_order, tensor, uninit, Read, SharedMut, REDUCE_ROWS,
+};
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -129,9 +132,26 @@ pub(crate) fn backward_all(
     gamma: &[f32],
     eps: f32,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (dx, _, dg, db) = backward_all_masked(x, res, dy, gamma, eps, None);
+    (dx, dg, db)
+}
+
+/// [`backward_all`], and with `mask` also `dx · mask` (the gradient through the dropout
+/// before the norm, in a layer), made from each block of `dx` while it is in cache rather
+/// than in a pass of its own over `dx`.
+pub(crate) fn backward_all_masked(
+    x: &[f32],
+    res: Option<&[f32]>,
+    dy: &[f32],
+    gamma: &[f32],
+    eps: f32,
+    mask: Option<&Mask>,
+) -> (Vec<f32>, Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
     let h = gamma.len();
     let block = REDUCE_ROWS * h;
     let mut dx = uninit(x.len());
+    let mut masked = mask.map(|_| uninit(x.len()));
+    let dm = masked.as_mut().map(|m| SharedMut::new(m));
     let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
         .par_chunks_mut(block)
         .zip(x.par_chunks(block))
@@ -142,11 +162,17 @@ pub(crate) fn backward_all(
             let mut dg = vec![0f32; h];
             let mut db = vec![0f32; h];
             backward_rows(dxc, xc, rc, dyc, gamma, &mut dg, &mut db, eps);
+            if let (Some(m), Some(dm)) = (mask, dm) {
+                // Safety: block i of `masked` is this task's alone.
+                let mc = unsafe { std::slice::from_raw_parts_mut(dm.at(i * block), dxc.len()) };
+                mc.copy_from_slice(dxc);
+                m.apply(mc, i * block);
+            }
             (dg, db)
         })
         .collect();
     let (dgs, dbs): (Vec<_>, Vec<_>) = partial.into_iter().unzip();
-    (dx, sum_in_order(dgs, h), sum_in_order(dbs, h))
+    (dx, masked, sum_in_order(dgs, h), sum_in_order(dbs, h))
 }
 
 impl CustomOp3 for LayerNormOp {
