@@ -87,8 +87,8 @@ unsafe fn softmax_rows_avx512(p: &mut [f32], mask: Option<&[u8]>, s: usize) {
     let mut lanes = vec![0u16; chunks];
     let mut keep = vec![0u16; chunks];
     for c in 0..chunks {
+        lanes[c] = super::math::avx512::lanes(s - 16 * c);
         for j in 0..16.min(s - 16 * c) {
-            lanes[c] |= 1 << j;
             if mask.is_none_or(|m| m[16 * c + j] != 0) {
                 keep[c] |= 1 << j;
             }

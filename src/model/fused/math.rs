@@ -252,6 +252,17 @@ pub mod avx512 {
         _mm512_scalef_ps(p, n)
     }
 
+    /// The lanes of a 16-float register that hold the first `n` of what is left (all 16 when
+    /// `n ≥ 16`): the mask of a loop's last, partial block.
+    #[inline]
+    pub fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            (1u16 << n) - 1
+        }
+    }
+
     /// `x · Φ(x)` in place.
     ///
     /// # Safety
@@ -262,8 +273,7 @@ pub mod avx512 {
         let ptr = x.as_mut_ptr();
         let mut i = 0;
         while i < n {
-            let live = (n - i).min(16);
-            let m: __mmask16 = if live == 16 { 0xffff } else { (1 << live) - 1 };
+            let m = lanes(n - i);
             let v = _mm512_maskz_loadu_ps(m, ptr.add(i));
             let e = erf16(_mm512_mul_ps(v, _mm512_set1_ps(super::FRAC_1_SQRT_2)));
             let h = _mm512_mul_ps(v, _mm512_set1_ps(0.5));
@@ -283,8 +293,7 @@ pub mod avx512 {
         let c = _mm512_set1_ps;
         let mut i = 0;
         while i < n {
-            let live = (n - i).min(16);
-            let m: __mmask16 = if live == 16 { 0xffff } else { (1 << live) - 1 };
+            let m = lanes(n - i);
             let x = _mm512_maskz_loadu_ps(m, pp.add(i));
             let e = erf16(_mm512_mul_ps(x, c(super::FRAC_1_SQRT_2)));
             let phi = exp16(_mm512_mul_ps(_mm512_mul_ps(x, x), c(-0.5)));

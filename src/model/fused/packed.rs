@@ -410,11 +410,7 @@ unsafe fn transpose16(
     drs: usize,
 ) {
     use std::arch::x86_64::*;
-    let mask: __mmask16 = if depth >= 16 {
-        0xffff
-    } else {
-        (1u16 << depth) - 1
-    };
+    let mask = super::math::avx512::lanes(depth);
     let mut r = [_mm512_setzero_ps(); 16];
     for (i, row) in r.iter_mut().enumerate().take(live) {
         *row = _mm512_maskz_loadu_ps(mask, src.add(i * rs));
