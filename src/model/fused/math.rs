@@ -189,8 +189,9 @@ pub fn act_grad_mul_auto(a: Activation, g: &mut [f32], pre: &[f32]) {
     }
 }
 
-/// The erf GELU and its derivative written with AVX-512 intrinsics. The compiler vectorises
-/// the scalar [`erf`] too, but its `p / q` becomes a full-precision division (`vdivps`, about
+/// AVX-512 intrinsics: the erf GELU and its derivative, and the pieces the attention's softmax
+/// shares with them ([`avx512::exp16`], [`avx512::lanes`], [`avx512::available`], the check
+/// `packed` uses too). The compiler vectorises the scalar [`erf`] too, but its `p / q` becomes a full-precision division (`vdivps`, about
 /// a third of the activation's time); here it is `rcp14` refined by one Newton step (relative
 /// error ~2^-28, below f32's rounding), and `exp`'s `2^n` is one `scalef`. Same polynomials
 /// as the scalar functions, so the results agree with them to a few ulp (`tests` below).

@@ -28,11 +28,12 @@ const LANES: usize = 16;
 const MR: usize = 4 * LANES;
 const NR: usize = 6;
 
-/// Whether this CPU runs the AVX-512 microkernel (checked once per call; std caches it).
+/// Whether this CPU runs the AVX-512 microkernel (the same check as the AVX-512 element-wise
+/// kernels', [`super::math::avx512::available`]).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
+        super::math::avx512::available()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
