@@ -120,15 +120,18 @@ unsafe fn run(
     };
     let params = kernel_params(mp, np, k, MR, NR, 4);
     let (kc, mc) = (params.kc.max(1), params.mc.max(MR));
-    // A depth of at most ONE_BLOCK (BERT-base's hidden size: the q/k/v, attention-output and
-    // FFN-input products, the weight gradients of width 768, the MLM decoder's forward) in one
-    // block rather than gemm's two, each block of L narrowed so that it stays ~1 MB: the
-    // result is read and written once instead of twice. In-process alternating steps, BERT-base
-    // distillation (2 × 50 pairs): step -16 ms (median of the differences; teacher -14/-6,
-    // student forward -8/-6, head -2). The whole depth with gemm's wider blocks (1.5 MB of L,
-    // more than its share of L2) was 93 ms slower.
+    // A depth of at most ONE_BLOCK (BERT-base's FFN width; its hidden size: the q/k/v,
+    // attention-output and FFN-input products, the MLM decoder's forward) in one block rather
+    // than gemm's several, each block of L narrowed so that it stays within L_BLOCK_BYTES: the
+    // result is read and written once instead of once per block of depth. At depth 768
+    // (blocks of 320 rows), in-process alternating steps, BERT-base distillation (2 × 50
+    // pairs): step -16 ms (median of the differences; teacher -14/-6, student forward -8/-6,
+    // head -2); the whole depth with gemm's wider blocks (1.5 MB of L, more than its share of
+    // L2) was 93 ms slower. Extended to the FFN output's depth 3072 (blocks of 64 rows) and
+    // the weight gradients' 1024 (256): step -6.7 ± 2.5 and -5.8 ± 1.9 ms (25 and 20 pairs;
+    // student forward -3.5 ± 1.0); 128-row blocks at depth 3072 (1.5 MB) were 46 ms slower.
     let (kc, mc) = if k <= ONE_BLOCK && kc < k {
-        (k, narrowed(mc, mp))
+        (k, narrowed(mc, mp, k))
     } else {
         (kc, mc)
     };
@@ -225,18 +228,20 @@ unsafe fn run(
 }
 
 /// The deepest product [`run`] takes in one block of depth.
-const ONE_BLOCK: usize = 768;
-/// The rows of L in a block when the depth is ONE_BLOCK: 320 × 768 floats, ~1 MB, as gemm's
-/// own 512 × 512.
-const NARROW_MC: usize = 5 * MR;
+const ONE_BLOCK: usize = 3072;
+/// The most a block of L may take when the depth is one block: 320 × 768 floats (~1 MB, as
+/// gemm's own 512 × 512), 256 × 1024, 64 × 3072.
+const L_BLOCK_BYTES: usize = 1 << 20;
 
-/// `mc` (a multiple of MR) brought down to at most NARROW_MC, split evenly over `m` rows.
-fn narrowed(mc: usize, m: usize) -> usize {
-    if mc <= NARROW_MC {
+/// `mc` (a multiple of MR) brought down to the rows of at most L_BLOCK_BYTES at depth `k`
+/// (one panel at least), split evenly over `m` rows.
+fn narrowed(mc: usize, m: usize, k: usize) -> usize {
+    let cap = (L_BLOCK_BYTES / (4 * k) / MR * MR).max(MR);
+    if mc <= cap {
         return mc;
     }
-    let blocks = m.div_ceil(NARROW_MC);
-    (m.div_ceil(blocks * MR) * MR).min(NARROW_MC)
+    let blocks = m.div_ceil(cap);
+    (m.div_ceil(blocks * MR) * MR).min(cap)
 }
 
 /// The packed panels' alignment in bytes (gemm's own): a register load never straddles two
@@ -467,8 +472,8 @@ mod tests {
             eprintln!("no AVX-512 here: packed::gemm is not used, nothing to test");
             return;
         }
-        // Sizes off every block edge (16-lane groups, MR, NR, a depth past kc = 512, one
-        // block of depth ≤ ONE_BLOCK over more than NARROW_MC columns) in the four layouts,
+        // Sizes off every block edge (16-lane groups, MR, NR, a depth past kc = 512 in one
+        // block of a narrowed L, one past ONE_BLOCK in gemm's blocks) in the four layouts,
         // into a column block of a wider destination, overwriting then adding.
         let shapes = [
             (13, 37, 70),
@@ -476,6 +481,8 @@ mod tests {
             (64, 64, 64),
             (150, 1030, 77),
             (20, 700, 400),
+            (20, 1030, 400),
+            (9, 3100, 130),
         ];
         for &(m, k, n) in &shapes {
             let rs = n + 5;
@@ -521,18 +528,26 @@ mod tests {
 
     #[test]
     fn narrowed_blocks_are_even_multiples_of_mr() {
-        assert_eq!(narrowed(256, 1000), 256);
-        // 1152 rows: 4 blocks of 320 (the last 192).
-        assert_eq!(narrowed(512, 1152), 320);
-        assert_eq!(narrowed(512, 1536), 320);
+        assert_eq!(narrowed(256, 1000, 768), 256);
+        // 1152 rows at depth 768: 4 blocks of 320 (the last 192).
+        assert_eq!(narrowed(512, 1152, 768), 320);
+        assert_eq!(narrowed(512, 1536, 768), 320);
         // 384 rows: 2 blocks of 192 rather than 320 + 64.
-        assert_eq!(narrowed(512, 384), 192);
-        for m in [65, 321, 700, 1152, 3072] {
-            let mc = narrowed(512, m);
-            assert!(
-                mc.is_multiple_of(MR) && mc <= NARROW_MC && mc * m.div_ceil(mc) >= m,
-                "{m}: {mc}"
-            );
+        assert_eq!(narrowed(512, 384, 768), 192);
+        // Deeper, narrower: 256 rows at 1024, one panel at 3072 (and at any greater depth).
+        assert_eq!(narrowed(512, 768, 1024), 256);
+        assert_eq!(narrowed(384, 384, 3072), 64);
+        assert_eq!(narrowed(384, 384, 9000), 64);
+        for k in [768, 1024, 3072] {
+            for m in [65, 321, 700, 1152, 3072] {
+                let mc = narrowed(512, m, k);
+                assert!(
+                    mc.is_multiple_of(MR)
+                        && (mc * k * 4 <= L_BLOCK_BYTES || mc == MR)
+                        && mc * m.div_ceil(mc) >= m,
+                    "{m} at {k}: {mc}"
+                );
+            }
         }
     }
 }
