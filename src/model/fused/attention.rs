@@ -46,6 +46,7 @@ impl Dims {
             cols: self.d,
             rs,
             cs: 1,
+            panels: None,
         }
     }
 

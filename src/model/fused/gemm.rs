@@ -12,6 +12,10 @@ pub struct Mat<'a> {
     pub cols: usize,
     pub rs: usize,
     pub cs: usize,
+    /// For a right operand, its transpose already packed as [`super::packed`] packs it
+    /// ([`super::packed::pack_panels`]: a frozen weight, packed once): the AVX-512 product
+    /// copies blocks of it instead of packing `data`, which every other path reads.
+    pub panels: Option<&'a [f32]>,
 }
 
 impl<'a> Mat<'a> {
@@ -23,6 +27,15 @@ impl<'a> Mat<'a> {
             cols,
             rs: cols,
             cs: 1,
+            panels: None,
+        }
+    }
+
+    /// The same matrix with its transpose's packed panels (see [`Mat::panels`]).
+    pub fn with_panels(self, panels: &'a [f32]) -> Self {
+        Mat {
+            panels: Some(panels),
+            ..self
         }
     }
 
@@ -34,10 +47,11 @@ impl<'a> Mat<'a> {
             cols: self.rows,
             rs: self.cs,
             cs: self.rs,
+            panels: None,
         }
     }
 
-    fn check(&self) {
+    pub(crate) fn check(&self) {
         if self.rows > 0 && self.cols > 0 {
             let last = (self.rows - 1) * self.rs + (self.cols - 1) * self.cs;
             assert!(last < self.data.len(), "gemm operand out of bounds");
@@ -286,6 +300,9 @@ unsafe fn split(
                     let bt = Mat {
                         data: &b.data[lo * b.cs..],
                         cols: hi - lo,
+                        panels: b
+                            .panels
+                            .and_then(|p| super::packed::panels_from(p, lo, b.rows)),
                         ..b
                     };
                     (a, bt, lo, (0, lo))

@@ -287,6 +287,7 @@ pub(crate) fn backward_into(
         cols: out,
         rs: g_rs,
         cs: 1,
+        panels: None,
     };
     match dx_then {
         Some(then) => {

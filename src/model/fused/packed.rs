@@ -172,7 +172,10 @@ unsafe fn run(
             let mut i0 = 0;
             while i0 < mp {
                 let mb = mc.min(mp - i0);
-                pack_l_block(lpack, l.shifted(i0, p0), mb, kb);
+                match b.panels {
+                    Some(p) => copy_panels(lpack, p, (i0, p0), (mb, kb), k),
+                    None => pack_l_block(lpack, l.shifted(i0, p0), mb, kb),
+                }
                 let mut jr = 0;
                 while jr < nb {
                     let nn = NR.min(nb - jr);
@@ -224,6 +227,84 @@ unsafe fn run(
             p0 += kb;
         }
         j0 += nb;
+    }
+}
+
+/// The panels [`pack_panels`] makes of `b`'s transpose (`b`: `k × n`), as many floats.
+pub fn panels_len(k: usize, n: usize) -> usize {
+    n.div_ceil(MR) * MR * k
+}
+
+/// `b`'s transpose (`b`: `k × n`, stored along one of its directions) packed once as [`run`]
+/// packs its left operand, each panel of MR columns of `b` over the whole depth `k` (panel
+/// `t`: `k` groups of MR values, columns past `n` zero): a frozen weight's, so that each
+/// product copies blocks of it, contiguous runs it reads ~2× faster than it packs `b` itself
+/// (a 256-byte run from each of `kb` rows of `b`, a row or column apart). For [`Mat::panels`].
+///
+/// On a CPU without AVX-512 (where no product reads panels), an empty vector.
+pub fn pack_panels(b: Mat) -> Vec<f32> {
+    if !available() {
+        return Vec::new();
+    }
+    let (k, n) = (b.rows, b.cols);
+    let mut out = vec![0f32; panels_len(k, n)];
+    if k == 0 || n == 0 {
+        return out;
+    }
+    b.check();
+    #[cfg(target_arch = "x86_64")]
+    {
+        let l = Operand {
+            data: b.data.as_ptr(),
+            rs: b.cs,
+            cs: b.rs,
+        };
+        // Safety: AVX-512 checked above; `out` holds panels_len(k, n) floats and `b` was
+        // checked against its slice.
+        unsafe { pack_l_block(out.as_mut_ptr(), l, n, k) };
+    }
+    out
+}
+
+/// The panels of columns `lo..` of the `k`-deep operand `panels` was packed from, when `lo`
+/// starts a panel (else `None`: the block packs its operand itself).
+pub fn panels_from(panels: &[f32], lo: usize, k: usize) -> Option<&[f32]> {
+    lo.is_multiple_of(MR)
+        .then(|| &panels[(lo * k).min(panels.len())..])
+}
+
+/// Copies the `mb × kb` block at `(i0, p0)` of L out of its whole-depth `panels` (depth `k`)
+/// into `dst` as [`pack_l_block`] would pack it: each panel's `kb` groups are one contiguous
+/// run of its stored panel, read as four streams at once (one stream: half the gain).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn copy_panels(
+    dst: *mut f32,
+    panels: &[f32],
+    (i0, p0): (usize, usize),
+    (mb, kb): (usize, usize),
+    k: usize,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(i0.is_multiple_of(MR));
+    let count = mb.div_ceil(MR);
+    assert!(
+        (i0 / MR + count) * MR * k <= panels.len() && p0 + kb <= k,
+        "packed panels too short for the product"
+    );
+    // MR·kb floats a panel: four quarters of MR·kb/4, each a multiple of 16.
+    let quarter = MR * kb / 4;
+    for u in 0..count {
+        let src = panels.as_ptr().add((i0 / MR + u) * MR * k + p0 * MR);
+        let d = dst.add(u * MR * kb);
+        let mut i = 0;
+        while i < quarter {
+            for q in 0..4 {
+                let v = _mm512_loadu_ps(src.add(q * quarter + i));
+                _mm512_store_ps(d.add(q * quarter + i), v);
+            }
+            i += LANES;
+        }
     }
 }
 
@@ -524,6 +605,72 @@ mod tests {
                 assert!(sums[m].is_nan(), "{what}: wrote past the sums");
             }
         }
+    }
+
+    #[test]
+    fn products_from_stored_panels_match_a_plain_product() {
+        if !available() {
+            eprintln!("no AVX-512 here: no panels are made, nothing to test");
+            return;
+        }
+        // b stored both ways, depths within one block and past ONE_BLOCK (gemm's blocks: a
+        // block of the panels starting mid-depth), a partial last panel; unthreaded here, and
+        // through gemm's split over 2 threads: 768 columns (blocks of 384, each starting a
+        // panel) and 1100 (blocks of 560: the second starts mid-panel and packs b itself).
+        for &(m, k, n) in &[
+            (30, 70, 130),
+            (20, 3100, 200),
+            (40, 300, 768),
+            (40, 300, 1100),
+        ] {
+            let a = filled(m * k, 7, 13);
+            let w = filled(n * k, 5, 11);
+            for bm in [Mat::rm(&w, n, k).t(), Mat::rm(&w, k, n)] {
+                let am = Mat::rm(&a, m, k);
+                let want = naive(am, bm);
+                let panels = pack_panels(bm);
+                assert_eq!(panels.len(), panels_len(k, n));
+                let bp = bm.with_panels(&panels);
+                let tol = |w: f64| 1e-3 * (1.0 + w.abs());
+                let mut dst = vec![7f32; m * n];
+                // Safety: AVX-512 checked above; dst holds the product.
+                unsafe { gemm(dst.as_mut_ptr(), n, am, bp, Acc::Overwrite, 1.0, None, None) };
+                let what = format!("{m}x{k}x{n} from panels");
+                assert_block(&dst, n, (m, n), |i, j| want[i * n + j], tol, &what);
+                let mut dst = vec![7f32; m * n];
+                super::super::gemm::gemm(&mut dst, n, am, bp, Acc::Overwrite, 1.0, 2);
+                let what = format!("{m}x{k}x{n} from panels, 2 threads");
+                assert_block(&dst, n, (m, n), |i, j| want[i * n + j], tol, &what);
+            }
+        }
+        // The panels, not b's data, are what the product reads: zero panels, a zero product.
+        let (m, k, n) = (20, 100, 128);
+        let (a, w, zeros) = (
+            filled(m * k, 7, 13),
+            filled(k * n, 5, 11),
+            vec![0f32; 128 * 100],
+        );
+        let mut dst = vec![7f32; m * n];
+        let bm = Mat::rm(&w, k, n).with_panels(&zeros);
+        // Safety: as above.
+        unsafe {
+            gemm(
+                dst.as_mut_ptr(),
+                n,
+                Mat::rm(&a, m, k),
+                bm,
+                Acc::Overwrite,
+                1.0,
+                None,
+                None,
+            )
+        };
+        assert!(
+            dst.iter().all(|&v| v == 0.0),
+            "the product did not read the panels"
+        );
+        assert!(panels_from(&[0.0; 640], 32, 5).is_none());
+        assert_eq!(panels_from(&[0.0; 640], 64, 5).map(|p| p.len()), Some(320));
     }
 
     #[test]
