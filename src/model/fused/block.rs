@@ -702,6 +702,26 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
+    /// A layer's weights of hidden `h` and FFN width `f` (the linears' weights times `scale`),
+    /// from fixed seeds, no stored forms.
+    fn test_weights(h: usize, f: usize, scale: f64) -> LayerWeights {
+        let lin = |out: usize, inp: usize, seed: u64| {
+            let w = (randn(&[out, inp], seed) * scale).unwrap();
+            (w, randn(&[out], seed + 1))
+        };
+        LayerWeights {
+            query: lin(h, h, 1),
+            key: lin(h, h, 3),
+            value: lin(h, h, 5),
+            attn_out: lin(h, h, 7),
+            attn_norm: (randn(&[h], 9), randn(&[h], 10)),
+            intermediate: lin(f, h, 11),
+            output: lin(h, f, 13),
+            out_norm: (randn(&[h], 15), randn(&[h], 16)),
+            transposed: None,
+        }
+    }
+
     #[test]
     fn stored_panels_are_what_the_products_read() {
         if !packed::available() {
@@ -712,21 +732,7 @@ mod tests {
         // run by `packed`, reading the panels (on one thread too). Panels of W give W's
         // output; zero panels (W's data left as it is) give a different one.
         let (h, f, b, s) = (512, 1024, 2, 8);
-        let lin = |out: usize, inp: usize, seed: u64| {
-            let w = (randn(&[out, inp], seed) * 0.05).unwrap();
-            (w, randn(&[out], seed + 1))
-        };
-        let w = LayerWeights {
-            query: lin(h, h, 1),
-            key: lin(h, h, 3),
-            value: lin(h, h, 5),
-            attn_out: lin(h, h, 7),
-            attn_norm: (randn(&[h], 9), randn(&[h], 10)),
-            intermediate: lin(f, h, 11),
-            output: lin(h, f, 13),
-            out_norm: (randn(&[h], 15), randn(&[h], 16)),
-            transposed: None,
-        };
+        let w = test_weights(h, f, 0.05);
         let x = randn(&[b, s, h], 17);
         let run = |w: LayerWeights| {
             let sink = GradSink::default();
@@ -777,19 +783,7 @@ mod tests {
         // hidden 24 (3 heads of 8), FFN 40: q, k, v, the output projection and both FFN
         // products all read the stored transposes; the output must match the views of W.
         let (h, f, b, s) = (24, 40, 2, 5);
-        let lin =
-            |out: usize, inp: usize, seed: u64| (randn(&[out, inp], seed), randn(&[out], seed + 1));
-        let w = LayerWeights {
-            query: lin(h, h, 1),
-            key: lin(h, h, 3),
-            value: lin(h, h, 5),
-            attn_out: lin(h, h, 7),
-            attn_norm: (randn(&[h], 9), randn(&[h], 10)),
-            intermediate: lin(f, h, 11),
-            output: lin(h, f, 13),
-            out_norm: (randn(&[h], 15), randn(&[h], 16)),
-            transposed: None,
-        };
+        let w = test_weights(h, f, 1.0);
         assert!(w.frozen() && w.fusable());
         let x = randn(&[b, s, h], 17);
         let key_mask = Some(Arc::new(vec![1u8, 1, 1, 0, 0, 1, 1, 1, 1, 1]));
@@ -846,8 +840,9 @@ mod tests {
         }
         // A transpose of other shapes is refused, not read out of bounds.
         let mut other = w.clone();
-        other.intermediate = lin(f + 8, h, 11);
-        other.output = lin(h, f + 8, 13);
+        let wider = test_weights(h, f + 8, 1.0);
+        other.intermediate = wider.intermediate;
+        other.output = wider.output;
         let wrong = LayerWeights {
             transposed: Some(Arc::new(Transposed::of(&other).unwrap())),
             ..w
