@@ -99,7 +99,7 @@ impl Transposed {
     }
 
     /// The weights as packed panels (empty on a CPU without AVX-512).
-    pub fn panels(w: &LayerWeights) -> Result<Self> {
+    fn panels(w: &LayerWeights) -> Result<Self> {
         let (h, f) = (w.query.0.dim(1)?, w.intermediate.0.dim(0)?);
         let lin = [
             (&w.query.0, h, h),
@@ -119,7 +119,7 @@ impl Transposed {
     }
 
     /// The weights as row-major transposes.
-    pub fn transposes(w: &LayerWeights) -> Result<Self> {
+    fn transposes(w: &LayerWeights) -> Result<Self> {
         let (h, f) = (w.query.0.dim(1)?, w.intermediate.0.dim(0)?);
         let mut qkv = vec![0f32; h * 3 * h];
         let mut qkv_bias = Vec::with_capacity(3 * h);
@@ -702,6 +702,14 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
+    /// The largest elementwise difference between two outputs.
+    fn worst(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    }
+
     /// A layer's weights of hidden `h` and FFN width `f` (the linears' weights times `scale`),
     /// from fixed seeds, no stored forms.
     fn test_weights(h: usize, f: usize, scale: f64) -> LayerWeights {
@@ -748,12 +756,6 @@ mod tests {
             )
             .unwrap();
             y.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-        };
-        let worst = |a: &[f32], b: &[f32]| {
-            a.iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max)
         };
         let plain = run(w.clone());
         let t = Transposed::of(&w).unwrap();
@@ -831,12 +833,8 @@ mod tests {
                 transposed: Some(Arc::new(t)),
                 ..w.clone()
             });
-            let worst = plain
-                .iter()
-                .zip(&stored)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(worst < 1e-5, "stored {name} change the output by {worst}");
+            let d = worst(&plain, &stored);
+            assert!(d < 1e-5, "stored {name} change the output by {d}");
         }
         // A transpose of other shapes is refused, not read out of bounds.
         let mut other = w.clone();
