@@ -120,21 +120,9 @@ unsafe fn run(
     };
     let params = kernel_params(mp, np, k, MR, NR, 4);
     let (kc, mc) = (params.kc.max(1), params.mc.max(MR));
-    // A depth of at most ONE_BLOCK (BERT-base's FFN width; its hidden size: the q/k/v,
-    // attention-output and FFN-input products, the MLM decoder's forward) in one block rather
-    // than gemm's several, each block of L narrowed so that it stays within L_BLOCK_BYTES: the
-    // result is read and written once instead of once per block of depth. At depth 768
-    // (blocks of 320 rows), in-process alternating steps, BERT-base distillation (2 × 50
-    // pairs): step -16 ms (median of the differences; teacher -14/-6, student forward -8/-6,
-    // head -2); the whole depth with gemm's wider blocks (1.5 MB of L, more than its share of
-    // L2) was 93 ms slower. Extended to the FFN output's depth 3072 (blocks of 64 rows) and
-    // the weight gradients' 1024 (256): step -6.7 ± 2.5 and -5.8 ± 1.9 ms (25 and 20 pairs;
-    // student forward -3.5 ± 1.0); 128-row blocks at depth 3072 (1.5 MB) were 46 ms slower.
-    let (kc, mc) = if k <= ONE_BLOCK && kc < k {
-        (k, narrowed(mc, mp, k))
-    } else {
-        (kc, mc)
-    };
+    // Up to a depth of ONE_BLOCK, blocks of depth of our own instead of gemm's (see
+    // [`blocking`]).
+    let (kc, mc) = blocking((kc, mc), mp, k, l_block_bytes());
     let nc = if params.nc == 0 {
         np.next_multiple_of(NR)
     } else {
@@ -308,16 +296,48 @@ unsafe fn copy_panels(
     }
 }
 
-/// The deepest product [`run`] takes in one block of depth.
+/// The deepest product whose blocks of depth [`blocking`] picks (BERT-base's FFN width);
+/// deeper ones take gemm's.
 const ONE_BLOCK: usize = 3072;
-/// The most a block of L may take when the depth is one block: 320 × 768 floats (~1 MB, as
-/// gemm's own 512 × 512), 256 × 1024, 64 × 3072.
-const L_BLOCK_BYTES: usize = 1 << 20;
 
-/// `mc` (a multiple of MR) brought down to the rows of at most L_BLOCK_BYTES at depth `k`
+/// The most a block of L may take when [`blocking`] picks the depth: half of a core's L2 as
+/// the gemm crate reads the caches, within 256 KiB..=1 MiB. 1 MiB on the 2 MB-L2 Xeon the
+/// blocking was first tuned on (as gemm's own 512 × 512 blocks); 512 KiB on a 1 MB-L2 EPYC
+/// (Zen 5), where 1 MiB blocks, the whole L2, made a BERT-base distillation step 18.7 ± 3.3
+/// ms slower (in-process, 20 pairs, 19 won; 384 KiB −15.2, 256 KiB −10.2 ± 9.3).
+fn l_block_bytes() -> usize {
+    static BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BYTES.get_or_init(|| {
+        let l2 = gemm_common::cache::CACHE_INFO[1].cache_bytes;
+        (l2 / 2).clamp(256 << 10, 1 << 20)
+    })
+}
+
+/// gemm's blocking `(kc, mc)` for a product of depth `k` over `m` rows of L, replaced up to a
+/// depth of ONE_BLOCK: blocks of depth as deep as one panel of MR rows allows within `budget`
+/// bytes (the whole depth in one block where it fits), each block of L narrowed to at most
+/// `budget` bytes (one panel at least). One block of depth reads and writes the result once
+/// instead of once per block. At depth 768 (blocks of 320 rows at 1 MiB), in-process
+/// alternating steps, BERT-base distillation (2 × 50 pairs): step −16 ms (median of the
+/// differences); the whole depth with gemm's wider blocks (1.5 MB of L, more than its share
+/// of L2) was 93 ms slower. Extended to the FFN output's depth 3072 (blocks of 64 rows) and
+/// the weight gradients' 1024 (256 rows): step −6.7 ± 2.5 and −5.8 ± 1.9 ms (25 and 20
+/// pairs); 128-row blocks at depth 3072 (1.5 MB) were 46 ms slower. On the 1 MB-L2 EPYC
+/// (512 KiB blocks) depth 3072 as two blocks of 1536 rather than one (64 rows, 768 KB): step
+/// −18.5 ± 3.9 ms (20 pairs, 17 won); as three of 1024: +9.2 ± 5.5 against two.
+fn blocking((kc, mc): (usize, usize), m: usize, k: usize, budget: usize) -> (usize, usize) {
+    if kc >= k || k > ONE_BLOCK {
+        return (kc, mc);
+    }
+    let deepest = (budget / (4 * MR)).max(kc);
+    let kc = k.div_ceil(k.div_ceil(deepest));
+    (kc, narrowed(mc, m, kc, budget))
+}
+
+/// `mc` (a multiple of MR) brought down to the rows of at most `budget` bytes at depth `k`
 /// (one panel at least), split evenly over `m` rows.
-fn narrowed(mc: usize, m: usize, k: usize) -> usize {
-    let cap = (L_BLOCK_BYTES / (4 * k) / MR * MR).max(MR);
+fn narrowed(mc: usize, m: usize, k: usize, budget: usize) -> usize {
+    let cap = (budget / (4 * k) / MR * MR).max(MR);
     if mc <= cap {
         return mc;
     }
@@ -554,7 +574,8 @@ mod tests {
             return;
         }
         // Sizes off every block edge (16-lane groups, MR, NR, a depth past kc = 512 in one
-        // block of a narrowed L, one past ONE_BLOCK in gemm's blocks) in the four layouts,
+        // block of a narrowed L, 2600 in one block or two as the L2 allows, one past
+        // ONE_BLOCK in gemm's blocks) in the four layouts,
         // into a column block of a wider destination, overwriting then adding.
         let shapes = [
             (13, 37, 70),
@@ -563,6 +584,7 @@ mod tests {
             (150, 1030, 77),
             (20, 700, 400),
             (20, 1030, 400),
+            (9, 2600, 70),
             (9, 3100, 130),
         ];
         for &(m, k, n) in &shapes {
@@ -675,26 +697,50 @@ mod tests {
 
     #[test]
     fn narrowed_blocks_are_even_multiples_of_mr() {
-        assert_eq!(narrowed(256, 1000, 768), 256);
+        const MIB: usize = 1 << 20;
+        assert_eq!(narrowed(256, 1000, 768, MIB), 256);
         // 1152 rows at depth 768: 4 blocks of 320 (the last 192).
-        assert_eq!(narrowed(512, 1152, 768), 320);
-        assert_eq!(narrowed(512, 1536, 768), 320);
+        assert_eq!(narrowed(512, 1152, 768, MIB), 320);
+        assert_eq!(narrowed(512, 1536, 768, MIB), 320);
         // 384 rows: 2 blocks of 192 rather than 320 + 64.
-        assert_eq!(narrowed(512, 384, 768), 192);
+        assert_eq!(narrowed(512, 384, 768, MIB), 192);
         // Deeper, narrower: 256 rows at 1024, one panel at 3072 (and at any greater depth).
-        assert_eq!(narrowed(512, 768, 1024), 256);
-        assert_eq!(narrowed(384, 384, 3072), 64);
-        assert_eq!(narrowed(384, 384, 9000), 64);
-        for k in [768, 1024, 3072] {
-            for m in [65, 321, 700, 1152, 3072] {
-                let mc = narrowed(512, m, k);
-                assert!(
-                    mc.is_multiple_of(MR)
-                        && (mc * k * 4 <= L_BLOCK_BYTES || mc == MR)
-                        && mc * m.div_ceil(mc) >= m,
-                    "{m} at {k}: {mc}"
-                );
+        assert_eq!(narrowed(512, 768, 1024, MIB), 256);
+        assert_eq!(narrowed(384, 384, 3072, MIB), 64);
+        assert_eq!(narrowed(384, 384, 9000, MIB), 64);
+        // Half the budget, half the rows.
+        assert_eq!(narrowed(512, 1536, 768, MIB / 2), 128);
+        for budget in [MIB / 4, MIB / 2, MIB] {
+            for k in [768, 1024, 1536, 3072] {
+                for m in [65, 321, 700, 1152, 3072] {
+                    let mc = narrowed(512, m, k, budget);
+                    assert!(
+                        mc.is_multiple_of(MR)
+                            && (mc * k * 4 <= budget || mc == MR)
+                            && mc * m.div_ceil(mc) >= m,
+                        "{m} at {k} within {budget}: {mc}"
+                    );
+                }
             }
         }
+    }
+
+    #[test]
+    fn blocks_of_depth_fit_the_budget() {
+        const MIB: usize = 1 << 20;
+        // gemm's (kc, mc) as it picks them for these depths: 384 at 768, 512 deeper.
+        // 1 MiB (a 2 MB L2): every depth up to 3072 in one block.
+        assert_eq!(blocking((384, 512), 3072, 768, MIB), (768, 320));
+        assert_eq!(blocking((512, 512), 768, 1024, MIB), (1024, 256));
+        assert_eq!(blocking((512, 512), 768, 3072, MIB), (3072, 64));
+        // 512 KiB (a 1 MB L2): one panel may be 2048 deep, so 3072 is two blocks of 1536.
+        assert_eq!(blocking((384, 512), 3072, 768, MIB / 2), (768, 128));
+        assert_eq!(blocking((512, 512), 768, 3072, MIB / 2), (1536, 64));
+        assert_eq!(blocking((512, 512), 768, 2000, MIB / 2), (2000, 64));
+        // Past ONE_BLOCK, or shallower than gemm's own block: gemm's blocking.
+        assert_eq!(blocking((512, 512), 768, 3100, MIB), (512, 512));
+        assert_eq!(blocking((300, 512), 768, 300, MIB / 2), (300, 512));
+        let budget = l_block_bytes();
+        assert!((256 << 10..=MIB).contains(&budget), "{budget}");
     }
 }
