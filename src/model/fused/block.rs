@@ -26,7 +26,8 @@ use super::gemm::Mat;
 use super::grads::GradSink;
 use super::layer_norm::{backward_all_masked, forward_all};
 use super::linear::{backward_into, forward_kept, forward_then, weight_t};
-use super::math::{act_grad_mul, act_slice};
+use super::math::{act_grad_mul, act_slice, prefetch};
+use super::packed::STRIP;
 use super::{cpu_out, cpu_slice, packed, tensor, uninit, Read, SharedMut};
 use crate::model::config::Activation;
 use anyhow::Result;
@@ -540,10 +541,18 @@ impl CustomOp1 for LayerOp {
                         self.masks.output.as_ref(),
                     );
                     // FFN out: di = do·W₂, multiplied by act'(pre) piece by piece as the
-                    // product finishes it.
+                    // product finishes it. Prefetching the next strip's piece of pre (on a
+                    // Zen 5 EPYC, BERT-base distillation backward −15.7 ± 3.3 and −10.2 ± 1.6
+                    // ms, in-process, 15 and 20 pairs; two strips ahead no better).
                     let mut di = uninit(rows * f);
                     let act_grad = |row: usize, c0: usize, g: &mut [f32]| {
                         let at = row * f + c0;
+                        // The piece the next strip's epilogue reads, asked for while that
+                        // strip's product runs: the saved pre-activation comes from memory.
+                        let next = at + STRIP * f;
+                        if let Some(p) = i_pre.get(next..next + g.len()) {
+                            prefetch(p)
+                        }
                         act_grad_mul(self.act, g, &i_pre[at..at + g.len()])
                     };
                     let (dw2, db2) = backward_into(

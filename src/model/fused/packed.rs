@@ -27,6 +27,9 @@ const LANES: usize = 16;
 /// The microkernel's tile: MR rows of L (4 registers) by NR columns of R.
 const MR: usize = 4 * LANES;
 const NR: usize = 6;
+/// Rows in a strip of the result: a [`Then`] sees row `r` of a strip, then row `r + STRIP`
+/// (same columns) of the next one after its product.
+pub const STRIP: usize = NR;
 
 /// Whether this CPU runs the AVX-512 microkernel (the same check as the AVX-512 element-wise
 /// kernels', [`super::math::avx512::available`]).
