@@ -53,6 +53,20 @@ if [[ $mode == distill && $shape == small ]]; then def_batch=16; else def_batch=
 batch=${BATCH:-$def_batch}
 seq=${SEQ:-128}
 optim=${OPTIM:-1}
+# PyTorch's MKL on CPUs that are not Intel's: see run_torch below.
+torch_mkl=${TORCH_MKL:-auto}
+case $torch_mkl in
+    auto)
+        vendor=$(awk -F': *' '/^vendor_id/ {print $2; exit}' /proc/cpuinfo 2>/dev/null || true)
+        if [[ -n $vendor && $vendor != GenuineIntel ]] && grep -qw avx512f /proc/cpuinfo; then
+            torch_mkl=intel-path
+        else
+            torch_mkl=stock
+        fi
+        ;;
+    stock | intel-path) ;;
+    *) echo "TORCH_MKL must be auto, stock or intel-path, not '$torch_mkl'" >&2; exit 2 ;;
+esac
 
 if [[ -z ${PYTHON:-} ]]; then
     for p in ../venv/bin/python venv/bin/python python3; do
@@ -131,19 +145,6 @@ esac
 # 460. Measured against the stock wheel there, distil looked twice as fast as it is, so on
 # such CPUs (TORCH_MKL=auto) PyTorch runs with the shim, its fastest fp32 configuration
 # there; TORCH_MKL=stock leaves MKL as it is, TORCH_MKL=intel-path forces the shim.
-torch_mkl=${TORCH_MKL:-auto}
-case $torch_mkl in
-    auto)
-        vendor=$(awk -F': *' '/^vendor_id/ {print $2; exit}' /proc/cpuinfo 2>/dev/null || true)
-        if [[ -n $vendor && $vendor != GenuineIntel ]] && grep -qw avx512f /proc/cpuinfo; then
-            torch_mkl=intel-path
-        else
-            torch_mkl=stock
-        fi
-        ;;
-    stock | intel-path) ;;
-    *) echo "TORCH_MKL must be auto, stock or intel-path, not '$torch_mkl'" >&2; exit 2 ;;
-esac
 if [[ $torch_mkl == intel-path ]]; then
     shim=$PWD/target/bench-compare/mkl-intel-path.so
     if ! printf 'int mkl_serv_intel_cpu_true(void) { return 1; }\n' |
