@@ -487,23 +487,21 @@ unsafe fn pack_r_block(dst: *mut f32, r: Operand, kb: usize, nb: usize, sums: Op
 
 /// `sums[j] += r(p, j)` for the `depth` rows of R from `p0` (rows contiguous, `r.cs == 1`) and
 /// columns `0..nb`, in order of depth, sixteen columns to a register. The packing's panels
-/// are six columns wide; summing them there (a six-lane masked load and store a depth, the
-/// stores straddling cache lines) made the weight gradients slower on a Zen 5 EPYC: this
+/// are six columns wide; summing them there (a six-lane masked load and store a depth, 24
+/// bytes at a time; why that is slow was not pinned down: masked stores alone measured no
+/// slower in an L1 loop) made the weight gradients slower on a Zen 5 EPYC: this
 /// pass over the same rows (in L1 as the packing reads them) took BERT-base MLM training's
 /// backward −42.9 ± 9.8 ms and distillation's −17.3 ± 5.6 and −11.2 ± 4.6 (in-process, 15,
 /// 15 and 20 pairs).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn add_rows(sums: *mut f32, r: Operand, p0: usize, depth: usize, nb: usize) {
+    use super::math::avx512::lanes;
     use std::arch::x86_64::*;
     debug_assert_eq!(r.cs, 1);
     let mut j = 0;
     while j < nb {
-        let m: __mmask16 = if nb - j >= LANES {
-            !0
-        } else {
-            (1u16 << (nb - j)) - 1
-        };
+        let m = lanes(nb - j);
         let mut acc = _mm512_maskz_loadu_ps(m, sums.add(j));
         for p in p0..p0 + depth {
             acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, r.at(p, j)));
