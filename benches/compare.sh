@@ -147,6 +147,7 @@ esac
 # there; TORCH_MKL=stock leaves MKL as it is, TORCH_MKL=intel-path forces the shim.
 if [[ $torch_mkl == intel-path ]]; then
     shim=$PWD/target/bench-compare/mkl-intel-path.so
+    mkdir -p "$(dirname "$shim")"
     if ! printf 'int mkl_serv_intel_cpu_true(void) { return 1; }\n' |
         cc -shared -fPIC -O2 -x c - -o "$shim"; then
         echo "TORCH_MKL=$torch_mkl needs a C compiler (cc) to build $shim; or set TORCH_MKL=stock" >&2
@@ -163,7 +164,7 @@ load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 others=$(others_since "$busy0" "$own0" "$t0")
 
 echo "PyTorch malloc settings: ${torch_env[*]:-glibc defaults}"
-echo "PyTorch's MKL: $torch_mkl$([[ $torch_mkl == intel-path ]] && echo " (its AVX-512 code on this non-Intel CPU, through the shim above)")"
+echo "PyTorch's MKL: $torch_mkl$([[ $torch_mkl == intel-path ]] && echo " (its Intel AVX-512 code path, through the shim above)")"
 "$PYTHON" - "$out" "$load_before" "$load_after" "$others" <<'EOF'
 import json, statistics, sys
 
