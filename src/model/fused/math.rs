@@ -170,6 +170,43 @@ pub fn act_grad_mul(a: Activation, g: &mut [f32], pre: &[f32]) {
     act_grad_mul_auto(a, g, pre)
 }
 
+/// `out[i] = act(x[i])` and then `x[i] = act'(x[i])`: a layer's activation and, in place of
+/// the pre-activation it keeps for the backward, the derivative there, from one evaluation of
+/// the erf they share (the backward then multiplies instead of evaluating erf and exp).
+pub fn act_and_grad(a: Activation, x: &mut [f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len(), "act_and_grad: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if a == Activation::GeluErf && avx512::available() {
+        // Safety: the CPU has AVX-512F; the lengths match.
+        return unsafe { avx512::gelu_erf_and_grad(x, out) };
+    }
+    act_and_grad_auto(a, x, out)
+}
+
+/// [`act_and_grad`] as the compiler vectorises the scalar [`act`] and [`act_grad`].
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+pub fn act_and_grad_auto(a: Activation, x: &mut [f32], out: &mut [f32]) {
+    for (v, o) in x.iter_mut().zip(out.iter_mut()) {
+        *o = act(a, *v);
+        *v = act_grad(a, *v);
+    }
+}
+
+/// `g[i] *= d[i]`.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+pub fn mul(g: &mut [f32], d: &[f32]) {
+    assert_eq!(g.len(), d.len(), "mul: lengths differ");
+    for (g, &d) in g.iter_mut().zip(d) {
+        *g *= d;
+    }
+}
+
 /// [`act_slice`] as the compiler vectorises the scalar [`act`].
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512dq+avx512vl+avx2+fma",
@@ -297,6 +334,34 @@ pub mod avx512 {
             let e = erf16(_mm512_mul_ps(v, _mm512_set1_ps(super::FRAC_1_SQRT_2)));
             let h = _mm512_mul_ps(v, _mm512_set1_ps(0.5));
             _mm512_mask_storeu_ps(ptr.add(i), m, _mm512_fmadd_ps(h, e, h));
+            i += 16;
+        }
+    }
+
+    /// `out = x · Φ(x)` as [`gelu_erf`] computes it, then `x = gelu'(x)` as
+    /// [`gelu_erf_grad_mul`] computes it, one erf for both.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `x` and `out` of one length.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn gelu_erf_and_grad(x: &mut [f32], out: &mut [f32]) {
+        let n = x.len();
+        let (xp, op) = (x.as_mut_ptr(), out.as_mut_ptr());
+        let c = _mm512_set1_ps;
+        let mut i = 0;
+        while i < n {
+            let m = lanes(n - i);
+            let v = _mm512_maskz_loadu_ps(m, xp.add(i));
+            let e = erf16(_mm512_mul_ps(v, c(super::FRAC_1_SQRT_2)));
+            let h = _mm512_mul_ps(v, c(0.5));
+            _mm512_mask_storeu_ps(op.add(i), m, _mm512_fmadd_ps(h, e, h));
+            let phi = exp16(_mm512_mul_ps(_mm512_mul_ps(v, v), c(-0.5)));
+            let d = _mm512_fmadd_ps(
+                _mm512_mul_ps(v, c(super::INV_SQRT_2PI)),
+                phi,
+                _mm512_fmadd_ps(e, c(0.5), c(0.5)),
+            );
+            _mm512_mask_storeu_ps(xp.add(i), m, d);
             i += 16;
         }
     }
@@ -435,5 +500,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn act_and_grad_equals_the_activation_and_its_derivative() {
+        // The training forward keeps act'(pre) from act_and_grad; the backward multiplies by
+        // it. Every activation, every tail length: the same bits as act_slice and
+        // act_grad_mul (with g = 1) compute separately, on the AVX-512 path and the other.
+        let xs: Vec<f32> = (0..=4_000).map(|i| -10.0 + i as f32 * 5e-3).collect();
+        for a in [Activation::GeluErf, Activation::GeluTanh, Activation::Relu] {
+            for len in [1, 15, 16, 17, 320] {
+                for chunk in xs.chunks(len) {
+                    let mut want_y = chunk.to_vec();
+                    act_slice(a, &mut want_y);
+                    let mut want_d = vec![1f32; chunk.len()];
+                    act_grad_mul(a, &mut want_d, chunk);
+                    let mut d = chunk.to_vec();
+                    let mut y = vec![0f32; chunk.len()];
+                    act_and_grad(a, &mut d, &mut y);
+                    assert_eq!(y, want_y, "{a:?} activation");
+                    assert_eq!(d, want_d, "{a:?} derivative");
+                    let mut d = chunk.to_vec();
+                    act_and_grad_auto(a, &mut d, &mut y);
+                    for (i, &x) in chunk.iter().enumerate() {
+                        assert_eq!(y[i], act(a, x), "{a:?}({x}), compiler-vectorised");
+                        assert_eq!(d[i], act_grad(a, x), "{a:?}'({x}), compiler-vectorised");
+                    }
+                }
+            }
+        }
+        let mut g = vec![2f32, -3.0, 0.5];
+        mul(&mut g, &[0.5, 2.0, 0.0]);
+        assert_eq!(g, [1.0, -6.0, 0.0]);
     }
 }
