@@ -57,6 +57,21 @@ pub fn suits(a: &Mat, b: &Mat) -> bool {
     along(a) && along(b) && b.cols >= MR && a.rows >= 2 * NR && a.cols >= 32 && available()
 }
 
+/// Whether `a · b` goes through [`gemm_transposed`] (see `gemm::transposed`): `a` few rows
+/// (at most four panels) against many columns of a `b` stored contiguous along its depth and
+/// not prepacked.
+pub fn transposed_suits(a: &Mat, b: &Mat) -> bool {
+    b.rs == 1
+        && b.cs != 1
+        && b.panels.is_none()
+        && (a.rs == 1 || a.cs == 1)
+        && a.rows >= 2 * NR
+        && a.rows <= 4 * MR
+        && b.cols >= 64 * a.rows
+        && a.cols >= 32
+        && available()
+}
+
 thread_local! {
     /// Packing buffers, kept per thread between products (L panel block, R block).
     static BUFS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
@@ -87,13 +102,56 @@ pub unsafe fn gemm(
         debug_assert!(available());
         BUFS.with(|bufs| {
             let (lbuf, rbuf) = &mut *bufs.borrow_mut();
-            run(dst, dst_rs, a, b, (acc, scale, then, sums), lbuf, rbuf)
+            run(
+                dst,
+                dst_rs,
+                a,
+                b,
+                (acc, scale, then, sums),
+                false,
+                lbuf,
+                rbuf,
+            )
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (dst, dst_rs, a, b, acc, scale, then, sums);
         unreachable!("packed::gemm needs AVX-512")
+    }
+}
+
+/// `a · b` (`m × n`) on this thread, stored transposed: element `(i, j)` at
+/// `dst[j · dst_rs + i]`, as `dst = [dst +] scale · (a · b)ᵀ`. For a product of few columns
+/// and a huge, contiguous-along-depth `a` (the MLM decoder's `E · xᵀ`, E `[vocab, hidden]`):
+/// `a` is then the microkernel's operand read in place, streamed once, and the small `b` is
+/// the one packed, in a single block (see [`super::gemm`]'s use).
+///
+/// # Safety
+/// `dst` must be valid for `(n - 1) * dst_rs + m` elements, written by no one else during the
+/// call, and [`available`] must be true.
+pub unsafe fn gemm_transposed(dst: *mut f32, dst_rs: usize, a: Mat, b: Mat, acc: Acc, scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        debug_assert!(available());
+        BUFS.with(|bufs| {
+            let (lbuf, rbuf) = &mut *bufs.borrow_mut();
+            run(
+                dst,
+                dst_rs,
+                a,
+                b,
+                (acc, scale, None, None),
+                true,
+                lbuf,
+                rbuf,
+            )
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (dst, dst_rs, a, b, acc, scale);
+        unreachable!("packed::gemm_transposed needs AVX-512")
     }
 }
 
@@ -105,6 +163,7 @@ unsafe fn run(
     a: Mat,
     b: Mat,
     (acc, scale, then, sums): (Acc, f32, Option<Then>, Option<*mut f32>),
+    transposed: bool,
     lbuf: &mut Vec<f32>,
     rbuf: &mut Vec<f32>,
 ) {
@@ -131,6 +190,17 @@ unsafe fn run(
     } else {
         params.nc
     };
+    // Stored transposed (see [`gemm_transposed`]): L (our few columns) in one block, so that
+    // R, read in place, streams through once.
+    let (mc, nc) = if transposed {
+        debug_assert!(then.is_none() && sums.is_none());
+        (mp.next_multiple_of(MR), np.next_multiple_of(NR))
+    } else {
+        (mc, nc)
+    };
+    // The microkernel's destination strides in its terms (column-major: its rows are our
+    // columns): ours, or swapped for a transposed store.
+    let (ucs, urs) = if transposed { (1, dst_rs) } else { (dst_rs, 1) };
     // R is read in place when a column of it (a row of a) is contiguous, as gemm does for
     // products whose L is not huge.
     // R is a's transpose: its column sums are the row sums asked for, added up as it is
@@ -183,11 +253,11 @@ unsafe fn run(
                             mm,
                             nn,
                             kb,
-                            dst.add((j0 + jr) * dst_rs + i0 + ir),
+                            dst.add((j0 + jr) * ucs + (i0 + ir) * urs),
                             lpack.add(ir * kb),
                             rp,
-                            dst_rs as isize,
-                            1,
+                            ucs as isize,
+                            urs as isize,
                             MR as isize,
                             rrs,
                             rcs,
