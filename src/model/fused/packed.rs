@@ -97,28 +97,7 @@ pub unsafe fn gemm(
     then: Option<Then>,
     sums: Option<*mut f32>,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        debug_assert!(available());
-        BUFS.with(|bufs| {
-            let (lbuf, rbuf) = &mut *bufs.borrow_mut();
-            run(
-                dst,
-                dst_rs,
-                a,
-                b,
-                (acc, scale, then, sums),
-                false,
-                lbuf,
-                rbuf,
-            )
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (dst, dst_rs, a, b, acc, scale, then, sums);
-        unreachable!("packed::gemm needs AVX-512")
-    }
+    on_this_thread(dst, dst_rs, a, b, (acc, scale, then, sums), false)
 }
 
 /// `a · b` (`m × n`) on this thread, stored transposed: element `(i, j)` at
@@ -131,27 +110,33 @@ pub unsafe fn gemm(
 /// `dst` must be valid for `(n - 1) * dst_rs + m` elements, written by no one else during the
 /// call, and [`available`] must be true.
 pub unsafe fn gemm_transposed(dst: *mut f32, dst_rs: usize, a: Mat, b: Mat, acc: Acc, scale: f32) {
+    on_this_thread(dst, dst_rs, a, b, (acc, scale, None, None), true)
+}
+
+/// [`run`] with this thread's packing buffers.
+///
+/// # Safety
+/// As [`gemm`]'s (or [`gemm_transposed`]'s, `transposed`).
+unsafe fn on_this_thread(
+    dst: *mut f32,
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    extras: (Acc, f32, Option<Then>, Option<*mut f32>),
+    transposed: bool,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         debug_assert!(available());
         BUFS.with(|bufs| {
             let (lbuf, rbuf) = &mut *bufs.borrow_mut();
-            run(
-                dst,
-                dst_rs,
-                a,
-                b,
-                (acc, scale, None, None),
-                true,
-                lbuf,
-                rbuf,
-            )
+            run(dst, dst_rs, a, b, extras, transposed, lbuf, rbuf)
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (dst, dst_rs, a, b, acc, scale);
-        unreachable!("packed::gemm_transposed needs AVX-512")
+        let _ = (dst, dst_rs, a, b, extras, transposed);
+        unreachable!("packed::gemm needs AVX-512")
     }
 }
 
