@@ -25,7 +25,7 @@ use super::gemm::Acc;
 use super::gemm::Mat;
 use super::grads::GradSink;
 use super::layer_norm::{backward_all_masked, forward_all};
-use super::linear::{backward_into, forward_then, weight_t};
+use super::linear::{backward_into, forward_kept, forward_then, weight_t};
 use super::math::{act_and_grad, act_slice, mul, prefetch};
 use super::packed::STRIP;
 use super::{cpu_out, cpu_slice, packed, tensor, uninit, Read, SharedMut};
@@ -465,16 +465,9 @@ impl CustomOp1 for LayerOp {
             let mut i_pre = uninit(rows * f);
             let w1t = wt(t, INTERMEDIATE, w1, h, f);
             let i = if self.keep {
-                let mut i = uninit(rows * f);
-                let dst = SharedMut::new(&mut i);
-                forward_then(&mut i_pre, f, &a, w1t, b1, rows, |row, c0, v| {
-                    // Safety: the piece's place in `i` (where it is in `i_pre`) is this
-                    // task's alone.
-                    let o =
-                        unsafe { std::slice::from_raw_parts_mut(dst.at(row * f + c0), v.len()) };
-                    act_and_grad(self.act, v, o)
-                });
-                i
+                forward_kept(&mut i_pre, &a, w1t, b1, rows, |_, _, pre, o| {
+                    act_and_grad(self.act, pre, o)
+                })
             } else {
                 forward_then(&mut i_pre, f, &a, w1t, b1, rows, |_, _, c| {
                     act_slice(self.act, c)

@@ -358,6 +358,7 @@ unsafe fn transposed(
     (acc, scale): (Acc, f32),
     threads: usize,
 ) {
+    debug_assert_eq!(m, a.rows);
     let block = n.div_ceil(threads).next_multiple_of(16);
     let d = super::SharedMut(dst);
     rayon::prelude::ParallelIterator::for_each(
@@ -373,7 +374,6 @@ unsafe fn transposed(
                 cs: b.rs,
                 panels: None,
             };
-            debug_assert_eq!(m, a.rows);
             // Safety: task t writes only columns lo..hi of dst.
             super::packed::gemm_transposed(d.at(lo), dst_rs, bt, a.t(), acc, scale)
         },

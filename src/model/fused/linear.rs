@@ -58,7 +58,11 @@ impl LinearOp {
             }
         };
         if self.act.is_some() && self.keep {
-            let act = forward_kept(&mut y, x, weight_t(w, inp, out), b, rows, post);
+            let wt = weight_t(w, inp, out);
+            let act = forward_kept(&mut y, x, wt, b, rows, |row, c0, pre, o| {
+                o.copy_from_slice(pre);
+                post(row, c0, o)
+            });
             *self.pre.lock().unwrap() = Some(y);
             act
         } else {
@@ -214,15 +218,17 @@ pub(crate) fn forward_then(
     gemm_then(y, y_rs, Mat::rm(x, rows, inp), wt, threads(), &then);
 }
 
-/// [`forward_then`] into `pre` (`[rows, out]`, the pre-activation a backward needs), with
-/// `post` applied to a copy of each piece in the same pass; returns the copies, `[rows, out]`.
+/// [`forward_then`] into `pre` (`[rows, out]`, what a backward keeps), with a second output
+/// `[rows, out]` that `post(row, col0, pre_piece, out_piece)` fills from each piece of `pre`
+/// (with the bias added) in the same pass, and may change `pre_piece` too; returns the second
+/// output.
 pub(crate) fn forward_kept(
     pre: &mut [f32],
     x: &[f32],
     wt: Mat,
     b: &[f32],
     rows: usize,
-    post: impl Fn(usize, usize, &mut [f32]) + Sync,
+    post: impl Fn(usize, usize, &mut [f32], &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let out = wt.cols;
     let mut y = uninit(rows * out);
@@ -230,8 +236,7 @@ pub(crate) fn forward_kept(
     forward_then(pre, out, x, wt, b, rows, |row, c0, v| {
         // Safety: the piece's place in `y` (where it is in `pre`) is this task's alone.
         let o = unsafe { std::slice::from_raw_parts_mut(dst.at(row * out + c0), v.len()) };
-        o.copy_from_slice(v);
-        post(row, c0, o);
+        post(row, c0, v, o);
     });
     y
 }
