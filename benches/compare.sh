@@ -227,6 +227,13 @@ cells = [(label, med(d, k), med(p, k)) for label, k in parts if med(d, k) is not
 fmt = lambda x: "-" if x is None else f"{x:.3f}"
 print("median seconds per part:  " + "   ".join(f"{label} {fmt(a)} vs {fmt(b)}" for label, a, b in cells)
       + "   (distil vs pytorch)")
+if distill and med(d, "forward_s") is not None:
+    # distil runs the teacher beside the previous step's update and the student's forward (as
+    # its trainer does), so its three parts overlap; PyTorch runs them one after the other.
+    seq = [med(p, k) for k in ("teacher_s", "encoder_s", "optim_s")]
+    torch_fwd = sum(x for x in seq if x is not None)
+    print(f"teacher + student forward + optimiser, as one phase: {med(d, 'forward_s'):.3f} vs {torch_fwd:.3f} "
+          "(distil runs the teacher beside the update and the student, each part above timed as it ran)")
 print(f"JSON lines: {out}/distil.jsonl, {out}/pytorch.jsonl")
 if others > 0.25:
     print(f"WARNING: other processes kept {others:.2f} CPUs busy during the runs: the figures are skewed "

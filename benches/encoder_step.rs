@@ -30,15 +30,21 @@
 //! only. Loss, as `recipes/distilbert.yaml` and `DistillObjective`: 5 · soft KL·T² (T = 2,
 //! masked rows) + 2 · MLM cross-entropy + 1 · cosine of the last hidden states over the
 //! non-padding tokens, from `distil::loss`; then backward and the in-place AdamW on the
-//! student. Parts: `teacher_s` (teacher encoder + head + its softmax at T), `encoder_s`
-//! (student encoder), `head_s` (student head + the three losses), `backward_s`, `optim_s`.
+//! student. As distil's trainer and `DistillObjective` run a step: each step's AdamW update
+//! is held back and applied as the next step starts (train mode too), and in distill mode
+//! the teacher's forward runs beside that update and the student's forward (`rayon::join`).
+//! Parts: `teacher_s` (teacher encoder + head + its softmax at T), `encoder_s` (student
+//! encoder), `head_s` (student head + the three losses), `backward_s`, `optim_s` (the
+//! update); `forward_s`, the phase in which the teacher, the update and the student's
+//! forward overlap (each of those three parts is timed as it ran, beside the others).
 //! Batch 16 × 128 for small and 8 × 128 for base unless `--batch`/`--seq` say otherwise.
 //! The ids and masked positions come from a splitmix64 stream that torch_step.py
 //! reproduces, so both sides see the very same batch (`--mode forward|train` draw theirs
 //! separately on each side). `matmul_flops` is the teacher's forward plus 3 × the student's.
 //!
-//! Each of `--warmup + --iters` steps is timed on its own (the step's tensors and gradients
-//! are dropped inside the timed region, as PyTorch frees them inside its step); the median
+//! Each of `--warmup + --iters` steps is timed on its own (the step's tensors are dropped
+//! inside the timed region, as PyTorch frees them inside its step, and its gradients inside
+//! the next step's, once applied: so `--warmup` is at least 1 with the optimiser); the median
 //! of the timed steps is reported, with the medians of its parts (`encoder_s`; `head_s`:
 //! MLM head + loss; `backward_s`; `optim_s`; in distill mode also `teacher_s`). One JSON
 //! line, as torch_step.py prints: `tokens_per_s = batch * seq / median_s`; `peak_rss_mb` is the process's VmHWM (read
@@ -182,6 +188,9 @@ struct StepTimes {
     total: f64,
     teacher: f64,
     encoder: f64,
+    /// The forward phase: distill mode's teacher beside (update, student); train mode's
+    /// update and student.
+    forward: f64,
     head: f64,
     backward: f64,
     optim: f64,
@@ -198,6 +207,11 @@ fn main() -> Result<()> {
     }
     if args.iters == 0 {
         bail!("--iters must be at least 1");
+    }
+    if args.mode != Mode::Forward && !args.no_optim && args.warmup == 0 {
+        // Each step applies the previous step's update (as the trainer does): the first
+        // step has none to apply, so it must not be timed.
+        bail!("--warmup must be at least 1 with the optimiser (each step applies the previous step's update)");
     }
     // What `distil` itself does first: huge pages (an exec of this program with a glibc
     // tunable), malloc tuning and candle's element-wise pool.
@@ -283,6 +297,8 @@ fn main() -> Result<()> {
     let mut last_loss = f32::NAN;
     // Distill mode: the last step's soft, hard and cosine losses (unweighted).
     let mut last_parts = [f32::NAN; 3];
+    // Train and distill modes: the last step's gradients, applied as the next step starts.
+    let mut deferred: Option<BTreeMap<String, Tensor>> = None;
     let mut step = || -> Result<StepTimes> {
         let t0 = Instant::now();
         if !train {
@@ -296,6 +312,7 @@ fn main() -> Result<()> {
                 total: (t3 - t0).as_secs_f64(),
                 teacher: 0.0,
                 encoder: (t1 - t0).as_secs_f64(),
+                forward: (t1 - t0).as_secs_f64(),
                 head: (t2 - t1).as_secs_f64(),
                 backward: 0.0,
                 optim: 0.0,
@@ -303,18 +320,34 @@ fn main() -> Result<()> {
         }
         // Distill mode: the teacher's last hidden states and its distribution at T over the
         // masked rows, nothing tracked (frozen parameters, eval mode).
-        let teacher_out = match &teacher {
-            Some(t) => {
-                let out = t.forward(&input, ForwardOptions::default(), None)?;
-                let logits = t.mlm_logits_at(&out.last_hidden_state, &targets.positions)?;
-                let probs = teacher_probs(&logits, TEMPERATURE)?;
-                Some((out.last_hidden_state, probs))
-            }
-            None => None,
+        let teacher_fwd = || -> Result<_> {
+            let t = teacher.as_ref().expect("distill mode has a teacher");
+            let out = t.forward(&input, ForwardOptions::default(), None)?;
+            let logits = t.mlm_logits_at(&out.last_hidden_state, &targets.positions)?;
+            let probs = teacher_probs(&logits, TEMPERATURE)?;
+            Ok(((out.last_hidden_state, probs), Instant::now()))
         };
-        let tt = Instant::now();
-        let out = enc.forward(&input, ForwardOptions::default(), Some(&mut dropout_rng))?;
-        let t1 = Instant::now();
+        // The last step's update, held back as the trainer holds it (`Deferred`), then the
+        // student's forward.
+        let (rng, opt, deferred) = (&mut dropout_rng, &mut opt, &mut deferred);
+        let mut student_fwd = || -> Result<_> {
+            let t0 = Instant::now();
+            if let (Some(opt), Some(grads)) = (opt.as_mut(), deferred.take()) {
+                opt.update(&grads, args.lr, 1.0)?;
+            }
+            let tu = Instant::now();
+            let out = enc.forward(&input, ForwardOptions::default(), Some(rng))?;
+            Ok((out, tu - t0, tu.elapsed()))
+        };
+        // As DistillObjective on the CPU: the teacher beside the update and the student.
+        let (teacher_out, t_teacher, out, t_update, t_student, t1) = if distill {
+            let (t, st) = rayon::join(teacher_fwd, student_fwd);
+            let ((teacher_out, tt), (out, tu, ts)) = (t?, st?);
+            (Some(teacher_out), tt - t0, out, tu, ts, Instant::now())
+        } else {
+            let (out, tu, ts) = student_fwd()?;
+            (None, Default::default(), out, tu, ts, Instant::now())
+        };
         let (logits, loss) = match &teacher_out {
             Some((t_last, t_probs)) => {
                 let logits = enc.mlm_logits_at(&out.last_hidden_state, &targets.positions)?;
@@ -346,26 +379,26 @@ fn main() -> Result<()> {
         let t2 = Instant::now();
         let grads = enc.backward(&loss)?;
         let t3 = Instant::now();
-        if let Some(opt) = opt.as_mut() {
+        if opt.is_some() {
             let mut by_name = BTreeMap::new();
             for (name, var) in enc.params.vars() {
                 if let Some(g) = grads.get(var.as_tensor()) {
                     by_name.insert(name.clone(), g.clone());
                 }
             }
-            opt.update(&by_name, args.lr, 1.0)?;
+            *deferred = Some(by_name);
         }
-        let t4 = Instant::now();
         last_loss = loss.to_scalar::<f32>()?;
         drop((teacher_out, out, logits, loss, grads));
         let t5 = Instant::now();
         Ok(StepTimes {
             total: (t5 - t0).as_secs_f64(),
-            teacher: (tt - t0).as_secs_f64(),
-            encoder: (t1 - tt).as_secs_f64(),
+            teacher: t_teacher.as_secs_f64(),
+            encoder: t_student.as_secs_f64(),
+            forward: (t1 - t0).as_secs_f64(),
             head: (t2 - t1).as_secs_f64(),
             backward: (t3 - t2).as_secs_f64(),
-            optim: (t4 - t3).as_secs_f64(),
+            optim: t_update.as_secs_f64(),
         })
     };
     let mut times = Vec::with_capacity(args.iters);
@@ -439,6 +472,8 @@ fn main() -> Result<()> {
         if opt.is_some() {
             out.push(("optim_s", round(part(|t| t.optim), 6).into()));
         }
+        // The phase the parts above overlap in (distill mode: teacher beside update + student).
+        out.push(("forward_s", round(part(|t| t.forward), 6).into()));
     }
     out.push(("matmul_flops", flops.into()));
     if let Some(f) = teacher_flops {

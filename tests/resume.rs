@@ -9,7 +9,12 @@ fn root() -> PathBuf {
 }
 
 fn recipe(dir: &Path, out: &Path, steps: u64) -> PathBuf {
-    let text = format!(
+    recipe_edited(dir, out, steps, &[])
+}
+
+/// [`recipe`] with each `(from, to)` of `edits` replaced in its text.
+fn recipe_edited(dir: &Path, out: &Path, steps: u64, edits: &[(&str, &str)]) -> PathBuf {
+    let mut text = format!(
         "task: pretrain
 model:
   config:
@@ -45,6 +50,10 @@ training:
         cache = dir.join("cache").display(),
         out = out.display()
     );
+    for (from, to) in edits {
+        assert!(text.contains(from), "the recipe has no {from:?}");
+        text = text.replace(from, to);
+    }
     let p = dir.join(format!(
         "{}.yaml",
         out.file_name().unwrap().to_string_lossy()
@@ -74,6 +83,53 @@ fn metrics_steps(dir: &Path) -> Vec<u64> {
         .filter(|v| v.get("loss").is_some())
         .filter_map(|v| v["step"].as_u64())
         .collect()
+}
+
+/// `(step, eval_loss)` of each evaluation a run logged.
+fn evals(dir: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["step"].as_u64()?, v["eval_loss"].as_f64()?)))
+        .collect()
+}
+
+#[test]
+fn evaluations_and_checkpoints_see_every_update_before_them() {
+    // The trainer holds each step's update back until the next step's forward; whatever reads
+    // the model in between (an evaluation, a checkpoint, the end of the run) must see it
+    // applied. A constant learning rate makes step k of a longer run the same as the last
+    // step of a k-step run: its checkpoint and its evaluation must equal that run's final
+    // model and final evaluation.
+    let tmp = tempfile::tempdir().unwrap();
+    let constant = [
+        (
+            "warmup_ratio: 0.1",
+            "warmup_ratio: 0.0\n  lr_scheduler_type: constant",
+        ),
+        ("eval_steps: 6", "eval_steps: 4"),
+    ];
+    let short = tmp.path().join("short");
+    let r = recipe_edited(tmp.path(), &short, 4, &constant);
+    let o = distil(&["run", r.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let long = tmp.path().join("long");
+    let r = recipe_edited(tmp.path(), &long, 6, &constant);
+    let o = distil(&["run", r.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        weights(&long.join("checkpoint-4")) == weights(&short),
+        "checkpoint-4 of the longer run is not the 4-step run's final model"
+    );
+    let (at4, end) = (evals(&long), evals(&short));
+    assert_eq!(at4.first().map(|e| e.0), Some(4), "{at4:?}");
+    assert_eq!(end.last().map(|e| e.0), Some(4), "{end:?}");
+    assert_eq!(
+        at4[0].1,
+        end.last().unwrap().1,
+        "the evaluation at step 4 of the longer run differs from the 4-step run's final one"
+    );
 }
 
 #[test]

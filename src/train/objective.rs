@@ -28,7 +28,24 @@ pub struct StepLoss {
     pub parts: Vec<(&'static str, f64)>,
 }
 
+/// Work that must be done before the student's forward reads its parameters: the previous
+/// step's parameter update, which the training loop holds back until then (see
+/// `trainer`'s `Deferred`) so that an objective with work of its own that does not read the
+/// student (a frozen teacher's forward) can run that work meanwhile.
+pub type BeforeStudent<'a> = &'a mut (dyn FnMut() -> Result<()> + Send);
+
 pub trait Objective: Sync {
+    /// The loss of `student` on `batch` in training mode (dropout from `rng`), calling
+    /// `before_student` once, before anything reads the student's parameters.
+    fn loss_after(
+        &self,
+        student: &Encoder,
+        batch: &DeviceBatch,
+        progress: Progress,
+        rng: &mut ChaCha8Rng,
+        before_student: BeforeStudent,
+    ) -> Result<StepLoss>;
+
     /// The loss of `student` on `batch` in training mode (dropout from `rng`).
     fn loss(
         &self,
@@ -36,7 +53,9 @@ pub trait Objective: Sync {
         batch: &DeviceBatch,
         progress: Progress,
         rng: &mut ChaCha8Rng,
-    ) -> Result<StepLoss>;
+    ) -> Result<StepLoss> {
+        self.loss_after(student, batch, progress, rng, &mut || Ok(()))
+    }
 
     /// Extra trainable variables the objective owns (e.g. projections), saved with the
     /// optimizer state.
@@ -50,13 +69,15 @@ pub trait Objective: Sync {
 pub struct MlmObjective;
 
 impl Objective for MlmObjective {
-    fn loss(
+    fn loss_after(
         &self,
         student: &Encoder,
         batch: &DeviceBatch,
         _progress: Progress,
         rng: &mut ChaCha8Rng,
+        before_student: BeforeStudent,
     ) -> Result<StepLoss> {
+        before_student()?;
         let out = student.forward(&batch.input(), ForwardOptions::default(), Some(rng))?;
         let logits = student.mlm_logits_at(&out.last_hidden_state, &batch.masked.positions)?;
         let mlm = cross_entropy(&logits, &batch.masked.targets)?;

@@ -209,6 +209,10 @@ impl Trainer<'_> {
         let start_tokens = state.tokens_seen;
         let mut interrupted = false;
         let mut last_eval = None;
+        // The last step's update, held back until the next step's student forward needs it
+        // (or until anything else reads the parameters or the optimizer: evaluation, a
+        // checkpoint, the end of the run).
+        let mut deferred: Option<Deferred> = None;
         while state.step < total {
             let progress = Progress {
                 step: state.step,
@@ -233,7 +237,11 @@ impl Trainer<'_> {
                 // Dropout seeded by the batch's place in the step, as one process that took
                 // all `world × accum` of them in turn would seed it.
                 let mut rng = step_rng(args.seed, state.step, micro * world + rank);
-                let l = self.objective.loss(self.model, &db, progress, &mut rng)?;
+                let l =
+                    self.objective
+                        .loss_after(self.model, &db, progress, &mut rng, &mut || {
+                            Deferred::settle(&mut deferred, &mut opt)
+                        })?;
                 let value = l.loss.to_scalar::<f32>()? as f64;
                 if !value.is_finite() {
                     finite = false;
@@ -322,9 +330,15 @@ impl Trainer<'_> {
                 None => true,
             };
             if applied {
-                opt.update(&grads, lr, clip_factor(norm, args.max_grad_norm) * unscale)?;
+                Deferred::settle(&mut deferred, &mut opt)?;
+                deferred = Some(Deferred {
+                    grads,
+                    lr,
+                    scale: clip_factor(norm, args.max_grad_norm) * unscale,
+                });
+            } else {
+                drop(grads);
             }
-            drop(grads);
             state.step += 1;
             bar.inc(1);
             if !applied {
@@ -363,6 +377,7 @@ impl Trainer<'_> {
                     && state.step.is_multiple_of(args.eval_steps)
                     && state.step < total
                 {
+                    Deferred::settle(&mut deferred, &mut opt)?;
                     let r = evaluate(self.model, eval, args.max_eval_batches)?;
                     self.log_eval(&metrics, &bar, state.step, &r)?;
                     last_eval = Some((state.step, r));
@@ -377,6 +392,7 @@ impl Trainer<'_> {
                     && state.step < total)
                     || (stop_now && state.step < total))
             {
+                Deferred::settle(&mut deferred, &mut opt)?;
                 self.checkpoint(run_dir, &state, &opt)?;
             }
             if stop_now && state.step < total {
@@ -384,6 +400,7 @@ impl Trainer<'_> {
                 break;
             }
         }
+        Deferred::settle(&mut deferred, &mut opt)?;
         bar.finish_and_clear();
         let elapsed = run_start.elapsed().as_secs_f64().max(1e-9);
         let tokens_per_s = (state.tokens_seen - start_tokens) as f64 / elapsed;
@@ -574,6 +591,27 @@ impl Trainer<'_> {
 
 /// The state of a finished run in `root`: its final trainer state, when it reached `total`
 /// steps and its final model is there.
+/// An optimizer step held back: the averaged gradients, the learning rate and the factor
+/// (clipping, loss-scale removal) they are applied with. Applying it as the next step's
+/// student forward begins, rather than at the end of this step, gives the same parameters
+/// to everything that reads them, and lets a distillation objective run its teachers'
+/// forwards while the update streams through memory (see [`Objective::loss_after`]).
+struct Deferred {
+    grads: BTreeMap<String, Tensor>,
+    lr: f64,
+    scale: f64,
+}
+
+impl Deferred {
+    /// Applies the held-back update, if any.
+    fn settle(pending: &mut Option<Deferred>, opt: &mut AdamW) -> Result<()> {
+        match pending.take() {
+            Some(d) => opt.update(&d.grads, d.lr, d.scale),
+            None => Ok(()),
+        }
+    }
+}
+
 fn finished_state(root: &Path, total: u64) -> Result<Option<TrainerState>> {
     if !root.join(STATE_FILE).is_file() || !root.join("model.safetensors").is_file() {
         return Ok(None);
