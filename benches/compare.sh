@@ -28,6 +28,10 @@
 #           (built with cc) so that MKL runs its AVX-512 code rather than its AVX2 code;
 #           `stock` never does, `intel-path` always does (see below)
 #   OUT     where the JSON lines go (default: target/bench-compare/SHAPE-MODE-THREADS[-no-optim])
+#   LOCKSTEP (0)  1: instead of ROUNDS whole runs, one run of each side, both alive, stepped
+#           in turn by benches/lockstep.py for PAIRS pairs (default: base 16, small 40), so
+#           that the two steps of a pair see the machine in the same state; prints the
+#           per-pair ratio's median and spread beside the usual table
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -82,7 +86,7 @@ suffix=""
 if [[ $mode != forward && $optim == 0 ]]; then suffix=-no-optim; fi
 out=${OUT:-target/bench-compare/$shape-$mode-$threads$suffix}
 mkdir -p "$out"
-rm -f "$out"/{distil,pytorch}.{jsonl,others}
+rm -f "$out"/{distil,pytorch}.{jsonl,others} "$out"/lockstep.{json,txt}
 
 echo "building benches/encoder_step.rs (release)..." >&2
 exe=$(cargo bench --bench encoder_step --no-run --message-format=json |
@@ -156,17 +160,36 @@ if [[ $torch_mkl == intel-path ]]; then
     torch_env+=("LD_PRELOAD=$shim${LD_PRELOAD:+:$LD_PRELOAD}")
 fi
 run_torch() { timed pytorch env "${torch_env[@]}" "$PYTHON" benches/torch_step.py "${common[@]}" --peak "${extra[@]}"; }
-for ((r = 1; r <= rounds; r++)); do
-    echo "round $r/$rounds: $shape $mode, $threads threads" >&2
-    if ((r % 2)); then run_ours; run_torch; else run_torch; run_ours; fi
-done
+lockstep=${LOCKSTEP:-0}
+if [[ $lockstep == 1 ]]; then
+    if [[ $shape == base ]]; then def_pairs=16; else def_pairs=40; fi
+    pairs=${PAIRS:-$def_pairs}
+    [[ $pairs =~ ^[1-9][0-9]*$ ]] || { echo "PAIRS must be a positive integer, not '$pairs'" >&2; exit 2; }
+    # Each side times up to `pairs` steps after its warm-up, when told (--lockstep).
+    lock_common=("${common[@]}")
+    for i in "${!lock_common[@]}"; do
+        if [[ ${lock_common[$i]} == --iters ]]; then lock_common[i + 1]=$pairs; fi
+    done
+    echo "lockstep: $pairs pairs, $shape $mode, $threads threads" >&2
+    b=$(cpu_busy) o=$(own_cpu) t=$(date +%s.%N)
+    "$PYTHON" benches/lockstep.py "$out" "$pairs" 0.3 -- \
+        "$exe" "${lock_common[@]}" --lockstep "${extra[@]}" --vs-- \
+        env "${torch_env[@]}" "$PYTHON" benches/torch_step.py "${lock_common[@]}" --peak --lockstep "${extra[@]}" |
+        tee "$out/lockstep.txt"
+    for f in distil pytorch; do others_since "$b" "$o" "$t" >"$out/$f.others"; echo >>"$out/$f.others"; done
+else
+    for ((r = 1; r <= rounds; r++)); do
+        echo "round $r/$rounds: $shape $mode, $threads threads" >&2
+        if ((r % 2)); then run_ours; run_torch; else run_torch; run_ours; fi
+    done
+fi
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 others=$(others_since "$busy0" "$own0" "$t0")
 
 echo "PyTorch malloc settings: ${torch_env[*]:-glibc defaults}"
 echo "PyTorch's MKL: $torch_mkl$([[ $torch_mkl == intel-path ]] && echo " (its Intel AVX-512 code path, through the shim above)")"
 "$PYTHON" - "$out" "$load_before" "$load_after" "$others" <<'EOF'
-import json, statistics, sys
+import json, os, statistics, sys
 
 out, load_before, load_after, others = sys.argv[1:5]
 others = float(others)
@@ -187,8 +210,11 @@ if first["mode"] != "forward":
                  f"student, loss {first['loss']} (T {first['temperature']:g})")
     what += f", dropout {first['dropout']}, MLM head on {first['head_on']} rows, {opt}"
 print(f"\n{what}")
-print(f"{len(d)} rounds alternating, {first['iters']} timed steps + {first['warmup']} warm-up per run; "
-      f"load average {load_before} before, {load_after} after; other processes used {others:.2f} "
+lockstep = os.path.exists(f"{out}/lockstep.json")
+how = (f"one run of each side, stepped in turn ({len(json.load(open(f'{out}/lockstep.json'))['pairs'])} pairs) "
+       f"after {first['warmup']} warm-up steps" if lockstep else
+       f"{len(d)} rounds alternating, {first['iters']} timed steps + {first['warmup']} warm-up per run")
+print(f"{how}; load average {load_before} before, {load_after} after; other processes used {others:.2f} "
       f"CPUs on average meanwhile")
 print()
 hdr = f"{'':8} {'tokens/s':>9}  {'per round':<30} {'step s':>7} {'GFLOP/s':>8} {'% peak':>7} {'peak RSS MB':>12}"
@@ -205,8 +231,12 @@ pairs = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(d, p)]
 rss = med(d, "peak_rss_mb") / med(p, "peak_rss_mb")
 if any(any(v) for v in disturbed.values()):
     print("* other processes used more than 0.25 CPU on average during that run")
-print(f"\ndistil / pytorch tokens/s: {ratio:.2f}x (per round {min(pairs):.2f}-{max(pairs):.2f}); "
-      f"peak RSS {rss:.2f}x")
+if lockstep:
+    print(f"\ndistil / pytorch tokens/s: {ratio:.2f}x (the median steps); peak RSS {rss:.2f}x")
+    print(open(f"{out}/lockstep.txt").read().strip())
+else:
+    print(f"\ndistil / pytorch tokens/s: {ratio:.2f}x (per round {min(pairs):.2f}-{max(pairs):.2f}); "
+          f"peak RSS {rss:.2f}x")
 quiet = [q for q, x, y in zip(pairs, disturbed["distil"], disturbed["pytorch"]) if not (x or y)]
 if quiet and len(quiet) < len(pairs):
     print(f"rounds where neither run was disturbed ({len(quiet)} of {len(pairs)}): "

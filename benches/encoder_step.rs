@@ -127,6 +127,12 @@ struct Args {
     /// AdamW learning rate (weight decay 0.01, as torch_step.py).
     #[arg(long, default_value_t = 1e-4)]
     lr: f64,
+    /// Step when told (benches/lockstep.py): after the warm-up, print `{"ready": true}`,
+    /// then before each timed step read a line from stdin (end of input ends the timing) and
+    /// after it print `{"step_s": …}`; the rest (the peak matmul, the summary line, last as
+    /// without it) waits for the end of stdin.
+    #[arg(long)]
+    lockstep: bool,
     /// Side of the square fp32 matmul timed for the machine's peak; 0 skips it.
     #[arg(long, default_value_t = 2048)]
     peak_size: usize,
@@ -404,10 +410,32 @@ fn main() -> Result<()> {
     let mut times = Vec::with_capacity(args.iters);
     let run = || -> Result<()> {
         for i in 0..args.warmup + args.iters {
+            if args.lockstep && i >= args.warmup {
+                use std::io::Write;
+                if i == args.warmup {
+                    println!("{{\"ready\": true}}");
+                    std::io::stdout().flush()?;
+                }
+                if std::io::stdin().read_line(&mut String::new())? == 0 {
+                    break;
+                }
+            }
             let t = step().with_context(|| format!("step {i}"))?;
             if i >= args.warmup {
                 times.push(t);
+                if args.lockstep {
+                    use std::io::Write;
+                    println!("{{\"step_s\": {:.6}}}", t.total);
+                    std::io::stdout().flush()?;
+                }
             }
+        }
+        if times.is_empty() {
+            bail!("no step was timed (--lockstep: stdin ended before the first)");
+        }
+        if args.lockstep {
+            // Nothing more (the peak matmul) until told: the other side may still be stepping.
+            while std::io::stdin().read_line(&mut String::new())? > 0 {}
         }
         Ok(())
     };

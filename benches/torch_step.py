@@ -204,6 +204,10 @@ def main() -> int:
                     help="train and distill modes: no optimiser step (forward + loss + backward + drop the gradients)")
     ap.add_argument("--peak", action="store_true", help="also time a matmul (fp32, or bf16 with --dtype bf16) for the machine's peak")
     ap.add_argument("--peak-size", type=int, default=2048)
+    ap.add_argument("--lockstep", action="store_true",
+                    help="step when told (benches/lockstep.py): after the warm-up print {\"ready\": true}, then "
+                         "before each timed step read a line from stdin (end of input ends the timing) and after "
+                         "it print {\"step_s\": ...}; the rest (--peak, the summary line) waits for the end of stdin")
     args = ap.parse_args()
 
     import torch
@@ -384,6 +388,11 @@ def main() -> int:
     times = []
     part_times: dict[str, list[float]] = {}
     for i in range(args.warmup + args.iters):
+        if args.lockstep and i >= args.warmup:
+            if i == args.warmup:
+                print(json.dumps({"ready": True}), flush=True)
+            if not sys.stdin.readline():
+                break
         sync()
         t0 = time.perf_counter()
         out = step()
@@ -394,6 +403,15 @@ def main() -> int:
             times.append(dt)
             for k, v in parts.items():
                 part_times.setdefault(k, []).append(v)
+            if args.lockstep:
+                print(json.dumps({"step_s": dt}), flush=True)
+    if not times:
+        print("no step was timed (--lockstep: stdin ended before the first)", file=sys.stderr)
+        return 1
+    if args.lockstep:
+        # Nothing more (the peak matmul) until told: the other side may still be stepping.
+        while sys.stdin.readline():
+            pass
 
     median_s = statistics.median(times)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
