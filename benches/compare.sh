@@ -5,7 +5,7 @@
 #   benches/compare.sh [small|base] [forward|train|distill] [threads] [-- more flags for both sides]
 #
 #   benches/compare.sh small train 2
-#   ITERS=3 WARMUP=1 benches/compare.sh base forward 2
+#   ITERS=3 WARMUP=5 benches/compare.sh base forward 2
 #   benches/compare.sh small distill 2
 #
 # Builds the Rust bench once (release), then runs ROUNDS rounds; each round runs both sides
@@ -18,7 +18,7 @@
 # + 1 cosine loss, backward, AdamW (OPTIM=0 leaves it out); the same batch on both sides.
 #
 # Environment:
-#   ROUNDS (3)  ITERS, WARMUP (small: 10, 2; base: 3, 1)  SEQ (128)  OPTIM (1)
+#   ROUNDS (3)  ITERS, WARMUP (small: 10, 2; base: 3, 5)  SEQ (128)  OPTIM (1)
 #   BATCH   (8; small distill: 16)
 #   PYTHON  interpreter with torch + transformers (default: ../venv/bin/python,
 #           ./venv/bin/python, then python3)
@@ -29,9 +29,10 @@
 #           `stock` never does, `intel-path` always does (see below)
 #   OUT     where the JSON lines go (default: target/bench-compare/SHAPE-MODE-THREADS[-no-optim])
 #   LOCKSTEP (0)  1: instead of ROUNDS whole runs, one run of each side, both alive, stepped
-#           in turn by benches/lockstep.py for PAIRS pairs (default: base 16, small 40), so
-#           that the two steps of a pair see the machine in the same state; prints the
-#           per-pair ratio's median and spread beside the usual table
+#           in turn by benches/lockstep.py: PAIRS pairs (default: base 12, small 30) of bursts
+#           of BURST steps (3; each side's time in a pair is the median of its burst's steps
+#           after the first), so that the two sides of a pair see the machine in the same
+#           state; prints the per-pair ratio's median and spread beside the usual table
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,7 +50,10 @@ case $mode in
 esac
 [[ $threads =~ ^[1-9][0-9]*$ ]] || { echo "threads must be a positive integer, not '$threads'" >&2; exit 2; }
 
-if [[ $shape == base ]]; then def_iters=3 def_warmup=1; else def_iters=10 def_warmup=2; fi
+# PyTorch's BERT-base backward gets faster over its first several steps (distillation,
+# medians of 3 steps alone: 0.538 s after 1 warm-up step, 0.506 after 3, 0.483 after 6, 0.478
+# after 12), so base runs warm up for 5 steps: each side is timed in its steady state.
+if [[ $shape == base ]]; then def_iters=3 def_warmup=5; else def_iters=10 def_warmup=2; fi
 rounds=${ROUNDS:-3}
 iters=${ITERS:-$def_iters}
 warmup=${WARMUP:-$def_warmup}
@@ -162,17 +166,19 @@ fi
 run_torch() { timed pytorch env "${torch_env[@]}" "$PYTHON" benches/torch_step.py "${common[@]}" --peak "${extra[@]}"; }
 lockstep=${LOCKSTEP:-0}
 if [[ $lockstep == 1 ]]; then
-    if [[ $shape == base ]]; then def_pairs=16; else def_pairs=40; fi
+    if [[ $shape == base ]]; then def_pairs=12; else def_pairs=30; fi
     pairs=${PAIRS:-$def_pairs}
+    burst=${BURST:-3}
     [[ $pairs =~ ^[1-9][0-9]*$ ]] || { echo "PAIRS must be a positive integer, not '$pairs'" >&2; exit 2; }
-    # Each side times up to `pairs` steps after its warm-up, when told (--lockstep).
+    [[ $burst =~ ^[1-9][0-9]*$ && $burst -ge 2 ]] || { echo "BURST must be an integer of 2 or more, not '$burst'" >&2; exit 2; }
+    # Each side times up to `pairs` bursts of steps after its warm-up, when told (--lockstep).
     lock_common=("${common[@]}")
     for i in "${!lock_common[@]}"; do
-        if [[ ${lock_common[$i]} == --iters ]]; then lock_common[i + 1]=$pairs; fi
+        if [[ ${lock_common[$i]} == --iters ]]; then lock_common[i + 1]=$((pairs * burst)); fi
     done
     echo "lockstep: $pairs pairs, $shape $mode, $threads threads" >&2
     b=$(cpu_busy) o=$(own_cpu) t=$(date +%s.%N)
-    "$PYTHON" benches/lockstep.py "$out" "$pairs" 0.3 -- \
+    "$PYTHON" benches/lockstep.py "$out" "$pairs" "$burst" 0.3 -- \
         "$exe" "${lock_common[@]}" --lockstep "${extra[@]}" --vs-- \
         env "${torch_env[@]}" "$PYTHON" benches/torch_step.py "${lock_common[@]}" --peak --lockstep "${extra[@]}" |
         tee "$out/lockstep.txt"

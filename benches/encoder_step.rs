@@ -408,7 +408,7 @@ fn main() -> Result<()> {
         })
     };
     let mut times = Vec::with_capacity(args.iters);
-    let run = || -> Result<()> {
+    let mut run = || -> Result<()> {
         for i in 0..args.warmup + args.iters {
             if args.lockstep && i >= args.warmup {
                 use std::io::Write;
@@ -420,7 +420,14 @@ fn main() -> Result<()> {
                     break;
                 }
             }
-            let t = step().with_context(|| format!("step {i}"))?;
+            // Under --lockstep each step runs hot on its own (see below), so that nothing of
+            // ours spins or naps while the other side steps.
+            let t = if args.lockstep {
+                distil::util::threads::run_hot(&mut step)
+            } else {
+                step()
+            }
+            .with_context(|| format!("step {i}"))?;
             if i >= args.warmup {
                 times.push(t);
                 if args.lockstep {
@@ -440,7 +447,11 @@ fn main() -> Result<()> {
         Ok(())
     };
     // As the trainer runs its steps: on a pool worker, the other workers spinning.
-    distil::util::threads::run_hot(run)?;
+    if args.lockstep {
+        run()?;
+    } else {
+        distil::util::threads::run_hot(run)?;
+    }
     let totals: Vec<f64> = times.iter().map(|t| t.total).collect();
     let part = |f: fn(&StepTimes) -> f64| median(&times.iter().map(f).collect::<Vec<_>>());
     let median_s = median(&totals);

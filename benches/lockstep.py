@@ -1,16 +1,20 @@
-"""Steps two benchmark processes in lockstep: distil's (benches/encoder_step.rs) and PyTorch's
-(benches/torch_step.py), both started with --lockstep, one step of one, then one step of the
-other, for --pairs pairs (which side goes first alternates), so that both sides of a pair see
-the machine in the same state. Where rounds of whole runs compare minutes apart (compare.sh
-without LOCKSTEP), a pair compares seconds apart: the host's slow and fast phases, which move
-both sides' step times by 5-15% on the shared machines this was written on, hit both sides of
-a pair alike.
+"""Steps two benchmark processes in turn: distil's (benches/encoder_step.rs) and PyTorch's
+(benches/torch_step.py), both started with --lockstep, a burst of BURST steps of one, then a
+burst of the other, for PAIRS pairs (which side goes first alternates), so that both sides of
+a pair see the machine in the same state. Where rounds of whole runs compare minutes apart
+(compare.sh without LOCKSTEP), a pair compares seconds apart: the host's slow and fast phases,
+which move both sides' step times by 5-15% on the shared machines this was written on, hit
+both sides of a pair alike.
 
-    lockstep.py OUT PAIRS PAUSE -- distil command... --vs-- pytorch command...
+    lockstep.py OUT PAIRS BURST PAUSE -- distil command... --vs-- pytorch command...
 
 Both processes hold their model in memory throughout; only one computes at a time. Before each
-step the other side is given PAUSE seconds to go quiet (distil's rayon workers spin for 50 ms
-after a step, PyTorch's OpenMP workers for a while too). Writes OUT/distil.jsonl and
+burst the other side is given PAUSE seconds to go quiet (distil's rayon workers spin for 50 ms
+after a step, PyTorch's OpenMP workers for a while too). A side's time in a pair is the median
+of its burst's steps after the first: the first step after the pause runs on cold caches and
+sleeping threads, which cost PyTorch more than distil (with bursts of one, base forward and
+distillation steps were 6-8% slower on PyTorch's side than back to back, and -2 to +3% on distil's).
+Writes OUT/distil.jsonl and
 OUT/pytorch.jsonl (each process's summary line) and OUT/lockstep.json (the pairs), and prints
 the per-pair ratio of PyTorch's step time to distil's: its median and spread, and the ratio of
 the two medians.
@@ -42,14 +46,15 @@ def read_json(p: subprocess.Popen, name: str) -> dict:
 
 def main() -> int:
     argv = sys.argv[1:]
-    if len(argv) < 6 or argv[3] != "--" or "--vs--" not in argv:
+    if len(argv) < 7 or argv[4] != "--" or "--vs--" not in argv:
         print(__doc__, file=sys.stderr)
         return 2
-    out, pairs, pause = argv[0], int(argv[1]), float(argv[2])
+    out, pairs, burst, pause = argv[0], int(argv[1]), int(argv[2]), float(argv[3])
     cut = argv.index("--vs--")
-    cmds = {"distil": argv[4:cut], "pytorch": argv[cut + 1:]}
-    if pairs < 1 or not cmds["distil"] or not cmds["pytorch"]:
-        print("lockstep: PAIRS must be at least 1, and both commands given", file=sys.stderr)
+    cmds = {"distil": argv[5:cut], "pytorch": argv[cut + 1:]}
+    if pairs < 1 or burst < 2 or not cmds["distil"] or not cmds["pytorch"]:
+        print("lockstep: PAIRS must be at least 1, BURST at least 2, and both commands given",
+              file=sys.stderr)
         return 2
     procs = {k: subprocess.Popen(c, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
              for k, c in cmds.items()}
@@ -62,9 +67,10 @@ def main() -> int:
             t = {}
             for k in (("distil", "pytorch") if i % 2 == 0 else ("pytorch", "distil")):
                 time.sleep(pause)
-                procs[k].stdin.write("step\n")
+                procs[k].stdin.write("step\n" * burst)
                 procs[k].stdin.flush()
-                t[k] = read_json(procs[k], k)["step_s"]
+                times = [read_json(procs[k], k)["step_s"] for _ in range(burst)]
+                t[k] = statistics.median(times[1:])
             steps.append(t)
             print(f"pair {i + 1}/{pairs}: distil {t['distil']:.3f} s, pytorch {t['pytorch']:.3f} s, "
                   f"{t['pytorch'] / t['distil']:.2f}x", file=sys.stderr)
