@@ -13,6 +13,11 @@
 //! over `--peak-tflops` (the GPU's nominal dense peak in the matmul precision, e.g. 989 for an
 //! H100 SXM / H200 in bf16, 67 in fp32 without TF32), and `pct_of_matmul_peak` is it over the
 //! best of a few square matmuls in the same precision measured here.
+//!
+//! The parts run one after the other here, the update at the end of its step, as the trainer
+//! runs them on a GPU. On the CPU the trainer runs the teacher beside the previous step's
+//! update and the student's forward (`DistillObjective`, `Deferred`), and so does
+//! `benches/encoder_step.rs --mode distill`, which is the CPU's benchmark.
 
 use crate::cli::parity::MatmulDtype;
 use crate::loss::{cosine_loss, cross_entropy, masked_positions, soft_kl, teacher_probs};
