@@ -589,8 +589,6 @@ impl Trainer<'_> {
     }
 }
 
-/// The state of a finished run in `root`: its final trainer state, when it reached `total`
-/// steps and its final model is there.
 /// An optimizer step held back: the averaged gradients, the learning rate and the factor
 /// (clipping, loss-scale removal) they are applied with. Applying it as the next step's
 /// student forward begins, rather than at the end of this step, gives the same parameters
@@ -612,6 +610,8 @@ impl Deferred {
     }
 }
 
+/// The state of a finished run in `root`: its final trainer state, when it reached `total`
+/// steps and its final model is there.
 fn finished_state(root: &Path, total: u64) -> Result<Option<TrainerState>> {
     if !root.join(STATE_FILE).is_file() || !root.join("model.safetensors").is_file() {
         return Ok(None);
