@@ -355,15 +355,22 @@ pub mod avx512 {
             let e = erf16(_mm512_mul_ps(v, c(super::FRAC_1_SQRT_2)));
             let h = _mm512_mul_ps(v, c(0.5));
             _mm512_mask_storeu_ps(op.add(i), m, _mm512_fmadd_ps(h, e, h));
-            let phi = exp16(_mm512_mul_ps(_mm512_mul_ps(v, v), c(-0.5)));
-            let d = _mm512_fmadd_ps(
-                _mm512_mul_ps(v, c(super::INV_SQRT_2PI)),
-                phi,
-                _mm512_fmadd_ps(e, c(0.5), c(0.5)),
-            );
-            _mm512_mask_storeu_ps(xp.add(i), m, d);
+            _mm512_mask_storeu_ps(xp.add(i), m, gelu_erf_grad16(v, e));
             i += 16;
         }
+    }
+
+    /// `gelu'(x) = 0.5·(1 + erf(x/√2)) + x·φ(x)/√(2π)` on 16 lanes, given `e = erf(x/√2)`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn gelu_erf_grad16(x: __m512, e: __m512) -> __m512 {
+        let c = _mm512_set1_ps;
+        let phi = exp16(_mm512_mul_ps(_mm512_mul_ps(x, x), c(-0.5)));
+        _mm512_fmadd_ps(
+            _mm512_mul_ps(x, c(super::INV_SQRT_2PI)),
+            phi,
+            _mm512_fmadd_ps(e, c(0.5), c(0.5)),
+        )
     }
 
     /// `g[i] *= gelu'(pre[i])`.
@@ -380,13 +387,7 @@ pub mod avx512 {
             let m = lanes(n - i);
             let x = _mm512_maskz_loadu_ps(m, pp.add(i));
             let e = erf16(_mm512_mul_ps(x, c(super::FRAC_1_SQRT_2)));
-            let phi = exp16(_mm512_mul_ps(_mm512_mul_ps(x, x), c(-0.5)));
-            // 0.5·(1 + erf(x/√2)) + x·φ(x)/√(2π)
-            let d = _mm512_fmadd_ps(
-                _mm512_mul_ps(x, c(super::INV_SQRT_2PI)),
-                phi,
-                _mm512_fmadd_ps(e, c(0.5), c(0.5)),
-            );
+            let d = gelu_erf_grad16(x, e);
             let gv = _mm512_maskz_loadu_ps(m, gp.add(i));
             _mm512_mask_storeu_ps(gp.add(i), m, _mm512_mul_ps(gv, d));
             i += 16;
