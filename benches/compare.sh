@@ -180,8 +180,8 @@ if [[ $lockstep == 1 ]]; then
     b=$(cpu_busy) o=$(own_cpu) t=$(date +%s.%N)
     "$PYTHON" benches/lockstep.py "$out" "$pairs" "$burst" 0.3 -- \
         "$exe" "${lock_common[@]}" --lockstep "${extra[@]}" --vs-- \
-        env "${torch_env[@]}" "$PYTHON" benches/torch_step.py "${lock_common[@]}" --peak --lockstep "${extra[@]}" |
-        tee "$out/lockstep.txt"
+        env "${torch_env[@]}" "$PYTHON" benches/torch_step.py "${lock_common[@]}" --peak --lockstep "${extra[@]}" \
+        >"$out/lockstep.txt" # its summary line, printed with the table below (each pair goes to stderr)
     for f in distil pytorch; do others_since "$b" "$o" "$t" >"$out/$f.others"; echo >>"$out/$f.others"; done
 else
     for ((r = 1; r <= rounds; r++)); do
