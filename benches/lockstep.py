@@ -49,7 +49,12 @@ def main() -> int:
     if len(argv) < 7 or argv[4] != "--" or "--vs--" not in argv:
         print(__doc__, file=sys.stderr)
         return 2
-    out, pairs, burst, pause = argv[0], int(argv[1]), int(argv[2]), float(argv[3])
+    try:
+        out, pairs, burst, pause = argv[0], int(argv[1]), int(argv[2]), float(argv[3])
+    except ValueError:
+        print(f"lockstep: PAIRS and BURST must be integers and PAUSE a number, not {argv[1:4]}",
+              file=sys.stderr)
+        return 2
     cut = argv.index("--vs--")
     cmds = {"distil": argv[5:cut], "pytorch": argv[cut + 1:]}
     if pairs < 1 or burst < 2 or not cmds["distil"] or not cmds["pytorch"]:
