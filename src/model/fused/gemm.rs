@@ -289,8 +289,12 @@ unsafe fn split(
         Split::Columns(nb) => (n, nb),
     };
     let d = super::SharedMut(dst);
+    let tasks = len.div_ceil(block);
+    // Two tasks (one a thread) through our packing balance each other (see
+    // `packed::gemm_in_pair`).
+    let pair = (tasks == 2).then(super::packed::Pair::default);
     rayon::prelude::ParallelIterator::for_each(
-        rayon::prelude::IntoParallelIterator::into_par_iter(0..len.div_ceil(block)),
+        rayon::prelude::IntoParallelIterator::into_par_iter(0..tasks),
         |t| {
             let (lo, hi) = (t * block, ((t + 1) * block).min(len));
             let (at, bt, offset, (r0, c0)) = match how {
@@ -323,16 +327,33 @@ unsafe fn split(
                 Split::Rows(_) => sums.map(|s| s.offset(lo)),
                 Split::Columns(_) => sums.filter(|_| t == 0),
             };
-            // Safety: each task writes its own block of `dst` and of `sums`.
-            product(
-                d.at(offset),
-                dst_rs,
-                size,
-                at,
-                bt,
-                (acc, scale, then, sums),
-                1,
-            )
+            match &pair {
+                // Safety: as below. (Should only one of the two take this way, it finds
+                // the other never started sharing and helps no one.)
+                Some(pair) if at.cols > 0 && super::packed::suits(&at, &bt) => {
+                    super::packed::gemm_in_pair(
+                        d.at(offset),
+                        dst_rs,
+                        at,
+                        bt,
+                        acc,
+                        scale,
+                        then,
+                        sums.map(|s| s.at(0)),
+                        (pair, t),
+                    )
+                }
+                // Safety: each task writes its own block of `dst` and of `sums`.
+                _ => product(
+                    d.at(offset),
+                    dst_rs,
+                    size,
+                    at,
+                    bt,
+                    (acc, scale, then, sums),
+                    1,
+                ),
+            }
         },
     );
 }
@@ -623,5 +644,47 @@ mod tests {
                 assert_block(&dst, rs, (m, n), want, |_| 1e-3, &format!("{m}x{k}x{n}"));
             }
         }
+    }
+
+    #[test]
+    fn a_slow_half_is_helped_and_the_product_is_unchanged() {
+        // Split by columns over 2 threads (blocks of 256), through `packed` on AVX-512 CPUs:
+        // the first half's pieces are made slow, so the second task, done early, takes
+        // strips of the first half (`packed::gemm_in_pair`). Every element must come out
+        // once and right, and some of the first half's rows must have run on a thread other
+        // than the one that ran its first strip.
+        use std::sync::Mutex;
+        let (m, k, n) = (120, 64, 512);
+        let a = filled(m * k, 7, 13);
+        let w = filled(n * k, 5, 11);
+        let (am, bm) = (Mat::rm(&a, m, k), Mat::rm(&w, n, k).t());
+        let want = naive(am, bm);
+        let mut dst = vec![7f32; m * n];
+        let seen: Mutex<Vec<(usize, std::thread::ThreadId)>> = Mutex::new(Vec::new());
+        let then = |r: usize, c0: usize, v: &mut [f32]| {
+            if c0 < 256 {
+                std::thread::sleep(std::time::Duration::from_micros(300));
+                seen.lock().unwrap().push((r, std::thread::current().id()));
+            }
+            for (j, x) in v.iter_mut().enumerate() {
+                *x = 2.0 * *x + ((r * 1000 + c0 + j) as f32) * 1e-3;
+            }
+        };
+        gemm_then(&mut dst, n, am, bm, 2, &then);
+        let want = |i, j| 2.0 * want[i * n + j] + (i * 1000 + j) as f64 * 1e-3;
+        assert_block(&dst, n, (m, n), want, |_| 1e-3, "helped product");
+        let seen = seen.into_inner().unwrap();
+        if !super::super::packed::available() || rayon::current_num_threads() < 2 {
+            eprintln!("no AVX-512 or one thread: nothing is shared, nothing more to test");
+            return;
+        }
+        // The first half's 120 rows, each once per block of columns it was cut into.
+        let first = seen.iter().min_by_key(|(r, _)| *r).map(|(_, t)| *t);
+        let helped = seen.iter().filter(|(_, t)| Some(*t) != first).count();
+        assert!(
+            helped > 0,
+            "no strip of the slow half ran on the other thread ({} pieces)",
+            seen.len()
+        );
     }
 }

@@ -20,7 +20,10 @@
 
 use super::gemm::{Acc, Mat, Then};
 use gemm_common::cache::kernel_params;
-use std::cell::RefCell;
+use std::cell::{RefCell, UnsafeCell};
+use std::mem::MaybeUninit;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize};
 
 /// f32 lanes in one AVX-512 register.
 const LANES: usize = 16;
@@ -97,7 +100,248 @@ pub unsafe fn gemm(
     then: Option<Then>,
     sums: Option<*mut f32>,
 ) {
-    on_this_thread(dst, dst_rs, a, b, (acc, scale, then, sums), false)
+    on_this_thread(dst, dst_rs, a, b, (acc, scale, then, sums), false, None)
+}
+
+/// [`gemm`] as task `me` (0 or 1) of `pair`: one of the two halves of a product split
+/// between two threads (by columns or rows), which then balance each other. Each task
+/// offers the strips of each block it works on to the other, claiming them itself from the
+/// front while the other, once its own half is done, takes them from the back; so neither
+/// waits for the other at the end by more than a strip.
+///
+/// Why: the halves are equal work, yet one finished systematically later (BERT-base MLM
+/// training step, 221 split products, per-product finishing gap summed over a step: 15–22 ms
+/// in one hour, 68 ms in another, the task on the same one of the two CPUs later every time:
+/// the host's CPUs run at different speeds for minutes at a time).
+///
+/// # Safety
+/// As [`gemm`]'s; each of the pair's two tasks runs this (or none of them does) with its own
+/// destination block, and `pair` outlives both.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_in_pair(
+    dst: *mut f32,
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    acc: Acc,
+    scale: f32,
+    then: Option<Then>,
+    sums: Option<*mut f32>,
+    (pair, me): (&Pair, usize),
+) {
+    let slot = &pair.slots[me];
+    slot.state.store(RUNNING, SeqCst);
+    on_this_thread(
+        dst,
+        dst_rs,
+        a,
+        b,
+        (acc, scale, then, sums),
+        false,
+        Some((pair, me)),
+    );
+    slot.state.store(DONE, SeqCst);
+    pair.slots[1 - me].help();
+}
+
+/// The two tasks of a product split in two that share out each other's strips (see
+/// [`gemm_in_pair`]).
+pub struct Pair {
+    slots: [Slot; 2],
+}
+
+impl Default for Pair {
+    fn default() -> Self {
+        let slot = || Slot {
+            state: AtomicU8::new(IDLE),
+            word: AtomicU64::new(0),
+            inflight: AtomicUsize::new(0),
+            pass: UnsafeCell::new(MaybeUninit::uninit()),
+        };
+        Pair {
+            slots: [slot(), slot()],
+        }
+    }
+}
+
+// Safety: a slot's pass is written by its task only while no one may read it, and read by
+// the other only while the claim protocol keeps it unchanged (see `Slot`).
+unsafe impl Sync for Pair {}
+
+/// [`Slot::state`]: not started yet, working on its own half, finished with it.
+const IDLE: u8 = 0;
+const RUNNING: u8 = 1;
+const DONE: u8 = 2;
+/// Bits of [`Slot::word`] for the front and the back of a pass's strips.
+const STRIP_BITS: u32 = 20;
+const STRIP_MASK: u64 = (1 << STRIP_BITS) - 1;
+
+/// One task's side of a [`Pair`]: the block it works on and which of its strips are left.
+///
+/// The protocol: the owner writes `pass`, then stores `word` (a new generation, front 0, back
+/// the number of strips); it claims strips by moving the front up, the helper by moving the
+/// back down, each with a compare-exchange on the whole word, so each strip goes to one of
+/// them. The helper counts itself in `inflight` before it reads `pass` and claims, out after
+/// the strip; the owner, once no strip is left, waits for `inflight` to be zero before it
+/// changes anything the pass points at (its packed blocks) or writes the next pass.
+struct Slot {
+    state: AtomicU8,
+    /// Generation (24 bits) | front | back, in strips.
+    word: AtomicU64,
+    inflight: AtomicUsize,
+    pass: UnsafeCell<MaybeUninit<Pass<'static>>>,
+}
+
+impl Slot {
+    /// The owner's side: offers `pass`'s strips, works through them from the front, and
+    /// returns when every strip is done (by either task).
+    unsafe fn share(&self, pass: &Pass) {
+        let n = pass.strips() as u64;
+        assert!(n <= STRIP_MASK, "packed: too many strips to share");
+        // Safety: no helper reads the pass now (the previous one's strips are all done and
+        // `inflight` was zero); the lifetime is the owner's, who waits below for the helper.
+        (*self.pass.get()).write(std::mem::transmute::<Pass<'_>, Pass<'static>>(*pass));
+        let generation = ((self.word.load(SeqCst) >> (2 * STRIP_BITS)) + 1) & 0xff_ffff;
+        self.word
+            .store((generation << (2 * STRIP_BITS)) | n, SeqCst);
+        loop {
+            let w = self.word.load(SeqCst);
+            let (front, back) = ((w >> STRIP_BITS) & STRIP_MASK, w & STRIP_MASK);
+            if front >= back {
+                break;
+            }
+            if self
+                .word
+                .compare_exchange_weak(w, w + (1 << STRIP_BITS), SeqCst, Relaxed)
+                .is_ok()
+            {
+                pass.strip(front as usize);
+            }
+        }
+        while self.inflight.load(SeqCst) != 0 {
+            std::hint::spin_loop();
+        }
+    }
+
+    /// The other task's side, after its own half: takes this task's strips from the back
+    /// for as long as this task is working (returns at once if it has not started: the two
+    /// tasks may run one after the other on one thread).
+    unsafe fn help(&self) {
+        while self.state.load(SeqCst) == RUNNING {
+            let w = self.word.load(SeqCst);
+            if (w >> STRIP_BITS) & STRIP_MASK >= w & STRIP_MASK {
+                // Nothing to take while the owner packs its next block: other work queued
+                // meanwhile (the teacher's beside the student's) rather than a spin.
+                if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                    std::hint::spin_loop();
+                }
+                continue;
+            }
+            self.inflight.fetch_add(1, SeqCst);
+            let w = self.word.load(SeqCst);
+            let (front, back) = ((w >> STRIP_BITS) & STRIP_MASK, w & STRIP_MASK);
+            if front < back {
+                // Safety: a strip left in the word means its pass is written, and it stays
+                // as it is while `inflight` counts this helper.
+                let pass = (*self.pass.get()).assume_init();
+                if self
+                    .word
+                    .compare_exchange(w, w - 1, SeqCst, Relaxed)
+                    .is_ok()
+                {
+                    pass.strip(back as usize - 1);
+                }
+            }
+            self.inflight.fetch_sub(1, SeqCst);
+        }
+    }
+}
+
+/// One block of L (packed) against a block of R: what computing one strip of the result
+/// (NR rows of it in our terms, `mb` columns) takes, on whichever thread.
+#[derive(Clone, Copy)]
+struct Pass<'t> {
+    dst: *mut f32,
+    dst_rs: usize,
+    /// The microkernel's destination strides (see [`run`]).
+    ucs: usize,
+    urs: usize,
+    lpack: *const f32,
+    rptr: *const f32,
+    rrs: isize,
+    rcs: isize,
+    r_packed: bool,
+    i0: usize,
+    mb: usize,
+    j0: usize,
+    nb: usize,
+    kb: usize,
+    scale: f32,
+    status: u8,
+    /// On the last block of depth only.
+    then: Option<Then<'t>>,
+}
+
+impl Pass<'_> {
+    fn strips(&self) -> usize {
+        self.nb.div_ceil(NR)
+    }
+
+    /// Strip `s`: R's columns `s·NR..` against every panel of the L block, then `then` on
+    /// its rows.
+    ///
+    /// # Safety
+    /// As [`run`]'s, for the blocks the pass points at.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn strip(&self, s: usize) {
+        use gemm_f32::microkernel::avx512f::f32::UKR;
+        let jr = s * NR;
+        let nn = NR.min(self.nb - jr);
+        let rp = if self.r_packed {
+            self.rptr.add(jr * self.kb)
+        } else {
+            self.rptr.offset(jr as isize * self.rcs)
+        };
+        let mut ir = 0;
+        while ir < self.mb {
+            let mm = MR.min(self.mb - ir);
+            let kernel = UKR[mm.div_ceil(LANES) - 1][nn - 1];
+            kernel(
+                mm,
+                nn,
+                self.kb,
+                self.dst
+                    .add((self.j0 + jr) * self.ucs + (self.i0 + ir) * self.urs),
+                self.lpack.add(ir * self.kb),
+                rp,
+                self.ucs as isize,
+                self.urs as isize,
+                MR as isize,
+                self.rrs,
+                self.rcs,
+                1.0,
+                self.scale,
+                self.status,
+                false,
+                false,
+                false,
+                std::ptr::null(),
+            );
+            ir += MR;
+        }
+        if let Some(f) = self.then {
+            for t in 0..nn {
+                let row = self.j0 + jr + t;
+                let piece = self.dst.add(row * self.dst_rs + self.i0);
+                f(row, self.i0, std::slice::from_raw_parts_mut(piece, self.mb));
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn strip(&self, _s: usize) {
+        unreachable!("packed::gemm needs AVX-512")
+    }
 }
 
 /// `a · b` (`m × n`) on this thread, stored transposed: element `(i, j)` at
@@ -110,7 +354,7 @@ pub unsafe fn gemm(
 /// `dst` must be valid for `(n - 1) * dst_rs + m` elements, written by no one else during the
 /// call, and [`available`] must be true.
 pub unsafe fn gemm_transposed(dst: *mut f32, dst_rs: usize, a: Mat, b: Mat, acc: Acc, scale: f32) {
-    on_this_thread(dst, dst_rs, a, b, (acc, scale, None, None), true)
+    on_this_thread(dst, dst_rs, a, b, (acc, scale, None, None), true, None)
 }
 
 /// [`run`] with this thread's packing buffers.
@@ -124,18 +368,19 @@ unsafe fn on_this_thread(
     b: Mat,
     extras: (Acc, f32, Option<Then>, Option<*mut f32>),
     transposed: bool,
+    pair: Option<(&Pair, usize)>,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
         debug_assert!(available());
         BUFS.with(|bufs| {
             let (lbuf, rbuf) = &mut *bufs.borrow_mut();
-            run(dst, dst_rs, a, b, extras, transposed, lbuf, rbuf)
+            run(dst, dst_rs, a, b, extras, transposed, lbuf, rbuf, pair)
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (dst, dst_rs, a, b, extras, transposed);
+        let _ = (dst, dst_rs, a, b, extras, transposed, pair);
         unreachable!("packed::gemm needs AVX-512")
     }
 }
@@ -151,8 +396,8 @@ unsafe fn run(
     transposed: bool,
     lbuf: &mut Vec<f32>,
     rbuf: &mut Vec<f32>,
+    pair: Option<(&Pair, usize)>,
 ) {
-    use gemm_f32::microkernel::avx512f::f32::UKR;
     // gemm's column-major problem: m' = our n, n' = our m.
     let (mp, np, k) = (b.cols, a.rows, a.cols);
     let l = Operand {
@@ -222,51 +467,28 @@ unsafe fn run(
                     Some(p) => copy_panels(lpack, p, (i0, p0), (mb, kb), k),
                     None => pack_l_block(lpack, l.shifted(i0, p0), mb, kb),
                 }
-                let mut jr = 0;
-                while jr < nb {
-                    let nn = NR.min(nb - jr);
-                    let rp = if pack_r {
-                        rptr.add(jr * kb)
-                    } else {
-                        rptr.offset(jr as isize * rcs)
-                    };
-                    let mut ir = 0;
-                    while ir < mb {
-                        let mm = MR.min(mb - ir);
-                        let kernel = UKR[mm.div_ceil(LANES) - 1][nn - 1];
-                        kernel(
-                            mm,
-                            nn,
-                            kb,
-                            dst.add((j0 + jr) * ucs + (i0 + ir) * urs),
-                            lpack.add(ir * kb),
-                            rp,
-                            ucs as isize,
-                            urs as isize,
-                            MR as isize,
-                            rrs,
-                            rcs,
-                            1.0,
-                            scale,
-                            status,
-                            false,
-                            false,
-                            false,
-                            std::ptr::null(),
-                        );
-                        ir += MR;
-                    }
-                    if let (Some(f), true) = (then, p0 + kb == k) {
-                        for t in 0..nn {
-                            let row = j0 + jr + t;
-                            f(
-                                row,
-                                i0,
-                                std::slice::from_raw_parts_mut(dst.add(row * dst_rs + i0), mb),
-                            );
-                        }
-                    }
-                    jr += NR;
+                let pass = Pass {
+                    dst,
+                    dst_rs,
+                    ucs,
+                    urs,
+                    lpack,
+                    rptr,
+                    rrs,
+                    rcs,
+                    r_packed: pack_r,
+                    i0,
+                    mb,
+                    j0,
+                    nb,
+                    kb,
+                    scale,
+                    status,
+                    then: then.filter(|_| p0 + kb == k),
+                };
+                match pair {
+                    Some((pair, me)) => pair.slots[me].share(&pass),
+                    None => (0..pass.strips()).for_each(|s| pass.strip(s)),
                 }
                 i0 += mb;
             }
