@@ -382,8 +382,11 @@ unsafe fn transposed(
     debug_assert_eq!(m, a.rows);
     let block = n.div_ceil(threads).next_multiple_of(16);
     let d = super::SharedMut(dst);
+    let tasks = n.div_ceil(block);
+    // Two tasks balance each other as `split`'s do.
+    let pair = (tasks == 2).then(super::packed::Pair::default);
     rayon::prelude::ParallelIterator::for_each(
-        rayon::prelude::IntoParallelIterator::into_par_iter(0..n.div_ceil(block)),
+        rayon::prelude::IntoParallelIterator::into_par_iter(0..tasks),
         |t| {
             let (lo, hi) = (t * block, ((t + 1) * block).min(n));
             // Rows lo..hi of bᵀ (b's columns), times aᵀ.
@@ -396,7 +399,17 @@ unsafe fn transposed(
                 panels: None,
             };
             // Safety: task t writes only columns lo..hi of dst.
-            super::packed::gemm_transposed(d.at(lo), dst_rs, bt, a.t(), acc, scale)
+            match &pair {
+                Some(pair) => super::packed::gemm_transposed_in_pair(
+                    d.at(lo),
+                    dst_rs,
+                    bt,
+                    a.t(),
+                    (acc, scale),
+                    (pair, t),
+                ),
+                None => super::packed::gemm_transposed(d.at(lo), dst_rs, bt, a.t(), acc, scale),
+            }
         },
     );
 }

@@ -129,17 +129,37 @@ pub unsafe fn gemm_in_pair(
     sums: Option<*mut f32>,
     (pair, me): (&Pair, usize),
 ) {
+    in_pair((pair, me), |p| {
+        on_this_thread(dst, dst_rs, a, b, (acc, scale, then, sums), false, p)
+    })
+}
+
+/// [`gemm_transposed`] as task `me` of `pair` (see [`gemm_in_pair`]).
+///
+/// # Safety
+/// As [`gemm_transposed`]'s and [`gemm_in_pair`]'s.
+pub unsafe fn gemm_transposed_in_pair(
+    dst: *mut f32,
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    (acc, scale): (Acc, f32),
+    (pair, me): (&Pair, usize),
+) {
+    in_pair((pair, me), |p| {
+        on_this_thread(dst, dst_rs, a, b, (acc, scale, None, None), true, p)
+    })
+}
+
+/// Runs `half` (this task's product, sharing its strips through the pair it is given) as
+/// task `me` of `pair`, then helps the other task with what is left of its half.
+///
+/// # Safety
+/// `half` must be one of [`run`]'s products; see [`gemm_in_pair`].
+unsafe fn in_pair((pair, me): (&Pair, usize), half: impl FnOnce(Option<(&Pair, usize)>)) {
     let slot = &pair.slots[me];
     slot.state.store(RUNNING, SeqCst);
-    on_this_thread(
-        dst,
-        dst_rs,
-        a,
-        b,
-        (acc, scale, then, sums),
-        false,
-        Some((pair, me)),
-    );
+    half(Some((pair, me)));
     slot.state.store(DONE, SeqCst);
     pair.slots[1 - me].help();
 }
