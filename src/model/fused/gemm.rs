@@ -691,6 +691,18 @@ mod tests {
             eprintln!("no AVX-512 or one thread: nothing is shared, nothing more to test");
             return;
         }
+        // A panic in a piece, on whichever thread runs it, reaches the caller (neither task
+        // waits for the other forever).
+        let boom = |r: usize, c0: usize, _: &mut [f32]| {
+            if c0 < 256 {
+                std::thread::sleep(std::time::Duration::from_micros(300));
+                assert!(r != 90, "a piece failed");
+            }
+        };
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            gemm_then(&mut dst, n, am, bm, 2, &boom)
+        }));
+        assert!(caught.is_err(), "the piece's panic was lost");
         // The first half's 120 rows, each once per block of columns it was cut into.
         let first = seen.iter().min_by_key(|(r, _)| *r).map(|(_, t)| *t);
         let helped = seen.iter().filter(|(_, t)| Some(*t) != first).count();

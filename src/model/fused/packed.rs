@@ -157,10 +157,20 @@ pub unsafe fn gemm_transposed_in_pair(
 /// # Safety
 /// `half` must be one of [`run`]'s products; see [`gemm_in_pair`].
 unsafe fn in_pair((pair, me): (&Pair, usize), half: impl FnOnce(Option<(&Pair, usize)>)) {
+    /// Marks the task done however its half ends: a panic in it must reach rayon's join, not
+    /// leave the other task helping forever.
+    struct Done<'a>(&'a Slot);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.state.store(DONE, SeqCst);
+        }
+    }
     let slot = &pair.slots[me];
     slot.state.store(RUNNING, SeqCst);
-    half(Some((pair, me)));
-    slot.state.store(DONE, SeqCst);
+    {
+        let _done = Done(slot);
+        half(Some((pair, me)));
+    }
     pair.slots[1 - me].help();
 }
 
@@ -224,6 +234,7 @@ impl Slot {
         let generation = ((self.word.load(SeqCst) >> (2 * STRIP_BITS)) + 1) & 0xff_ffff;
         self.word
             .store((generation << (2 * STRIP_BITS)) | n, SeqCst);
+        let _settled = Settled(self);
         loop {
             let w = self.word.load(SeqCst);
             let (front, back) = ((w >> STRIP_BITS) & STRIP_MASK, w & STRIP_MASK);
@@ -237,9 +248,6 @@ impl Slot {
             {
                 pass.strip(front as usize);
             }
-        }
-        while self.inflight.load(SeqCst) != 0 {
-            std::hint::spin_loop();
         }
     }
 
@@ -258,6 +266,7 @@ impl Slot {
                 continue;
             }
             self.inflight.fetch_add(1, SeqCst);
+            let _out = Out(self);
             let w = self.word.load(SeqCst);
             let (front, back) = ((w >> STRIP_BITS) & STRIP_MASK, w & STRIP_MASK);
             if front < back {
@@ -272,8 +281,38 @@ impl Slot {
                     pass.strip(back as usize - 1);
                 }
             }
-            self.inflight.fetch_sub(1, SeqCst);
         }
+    }
+}
+
+/// The end of an owner's pass, however it ends (a panic in a strip too): no strip left to
+/// take, then none in flight, before anything the pass points at may change or go.
+struct Settled<'a>(&'a Slot);
+
+impl Drop for Settled<'_> {
+    fn drop(&mut self) {
+        let word = &self.0.word;
+        let mut w = word.load(SeqCst);
+        while (w >> STRIP_BITS) & STRIP_MASK < w & STRIP_MASK {
+            // The front moved up to the back.
+            let closed = (w & !(STRIP_MASK << STRIP_BITS)) | ((w & STRIP_MASK) << STRIP_BITS);
+            match word.compare_exchange(w, closed, SeqCst, SeqCst) {
+                Ok(_) => break,
+                Err(now) => w = now,
+            }
+        }
+        while self.0.inflight.load(SeqCst) != 0 {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// A helper's strip over, however it ends.
+struct Out<'a>(&'a Slot);
+
+impl Drop for Out<'_> {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, SeqCst);
     }
 }
 
