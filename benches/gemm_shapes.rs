@@ -120,7 +120,7 @@ unsafe fn one(c: *mut f32, rs: usize, a: Mat, b: Mat, imp: Impl) {
             1,
         ),
         Impl::Packed => {
-            distil::model::fused::packed::gemm(c, rs, a, b, Acc::Overwrite, 1.0, None, None)
+            distil::model::fused::packed::gemm(c, rs, a, b, Acc::Overwrite, 1.0, None, None, None)
         }
         Impl::Crate => distil::model::fused::gemm::crate_gemm(
             c,

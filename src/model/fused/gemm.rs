@@ -232,7 +232,7 @@ unsafe fn product(
     }
     if threads <= 1 && super::packed::suits(&a, &b) {
         let sums = sums.map(|s| s.at(0));
-        super::packed::gemm(dst, dst_rs, a, b, acc, scale, then, sums);
+        super::packed::gemm(dst, dst_rs, a, b, acc, scale, then, sums, None);
         return;
     }
     let parallelism = if threads > 1 {
@@ -290,8 +290,7 @@ unsafe fn split(
     };
     let d = super::SharedMut(dst);
     let tasks = len.div_ceil(block);
-    // Two tasks (one a thread) through our packing balance each other (see
-    // `packed::gemm_in_pair`).
+    // Two tasks (one a thread) through our packing balance each other (`packed::Pair`).
     let pair = (tasks == 2).then(super::packed::Pair::default);
     rayon::prelude::ParallelIterator::for_each(
         rayon::prelude::IntoParallelIterator::into_par_iter(0..tasks),
@@ -327,24 +326,15 @@ unsafe fn split(
                 Split::Rows(_) => sums.map(|s| s.offset(lo)),
                 Split::Columns(_) => sums.filter(|_| t == 0),
             };
-            match &pair {
-                // Safety: as below. (Should only one of the two take this way, it finds
-                // the other never started sharing and helps no one.)
-                Some(pair) if at.cols > 0 && super::packed::suits(&at, &bt) => {
-                    super::packed::gemm_in_pair(
-                        d.at(offset),
-                        dst_rs,
-                        at,
-                        bt,
-                        acc,
-                        scale,
-                        then,
-                        sums.map(|s| s.at(0)),
-                        (pair, t),
-                    )
-                }
+            let pair = pair.as_ref().map(|p| (p, t));
+            if pair.is_some() && at.cols > 0 && super::packed::suits(&at, &bt) {
+                // Safety: as below. (Should only one of the two take this way, it finds the
+                // other never started sharing and helps no one.)
+                let sums = sums.map(|s| s.at(0));
+                super::packed::gemm(d.at(offset), dst_rs, at, bt, acc, scale, then, sums, pair)
+            } else {
                 // Safety: each task writes its own block of `dst` and of `sums`.
-                _ => product(
+                product(
                     d.at(offset),
                     dst_rs,
                     size,
@@ -352,7 +342,7 @@ unsafe fn split(
                     bt,
                     (acc, scale, then, sums),
                     1,
-                ),
+                )
             }
         },
     );
@@ -399,17 +389,8 @@ unsafe fn transposed(
                 panels: None,
             };
             // Safety: task t writes only columns lo..hi of dst.
-            match &pair {
-                Some(pair) => super::packed::gemm_transposed_in_pair(
-                    d.at(lo),
-                    dst_rs,
-                    bt,
-                    a.t(),
-                    (acc, scale),
-                    (pair, t),
-                ),
-                None => super::packed::gemm_transposed(d.at(lo), dst_rs, bt, a.t(), acc, scale),
-            }
+            let pair = pair.as_ref().map(|p| (p, t));
+            super::packed::gemm_transposed(d.at(lo), dst_rs, bt, a.t(), (acc, scale), pair)
         },
     );
 }
@@ -663,7 +644,7 @@ mod tests {
     fn a_slow_half_is_helped_and_the_product_is_unchanged() {
         // Split by columns over 2 threads (blocks of 256), through `packed` on AVX-512 CPUs:
         // the first half's pieces are made slow, so the second task, done early, takes
-        // strips of the first half (`packed::gemm_in_pair`). Every element must come out
+        // strips of the first half (`packed::Pair`). Every element must come out
         // once and right, and some of the first half's rows must have run on a thread other
         // than the one that ran its first strip.
         use std::sync::Mutex;

@@ -86,9 +86,15 @@ thread_local! {
 /// while `a` is packed: the bias gradient `Σ_rows g` of a weight gradient `gᵀ·x` without a
 /// pass of its own over `g`.
 ///
+/// With `pair`, the product is task `me` (0 or 1) of the pair: one of the two halves of a
+/// product split between two threads (by columns or rows), which then balance each other
+/// ([`Pair`]); without, it is all this thread's.
+///
 /// # Safety
 /// `dst` must be valid for `(m - 1) * dst_rs + n` elements and `sums` for m, neither written
-/// by anyone else during the call, and [`available`] must be true.
+/// by anyone else during the call, and [`available`] must be true. With a pair, each of its
+/// two tasks runs this (or [`gemm_transposed`]) with its own destination block, and the pair
+/// outlives both.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm(
     dst: *mut f32,
@@ -99,64 +105,20 @@ pub unsafe fn gemm(
     scale: f32,
     then: Option<Then>,
     sums: Option<*mut f32>,
+    pair: Option<(&Pair, usize)>,
 ) {
-    on_this_thread(dst, dst_rs, a, b, (acc, scale, then, sums), false, None)
-}
-
-/// [`gemm`] as task `me` (0 or 1) of `pair`: one of the two halves of a product split
-/// between two threads (by columns or rows), which then balance each other. Each task
-/// offers the strips of each block it works on to the other, claiming them itself from the
-/// front while the other, once its own half is done, takes them from the back; so neither
-/// waits for the other at the end by more than a strip.
-///
-/// Why: the halves are equal work, yet one finished systematically later (BERT-base MLM
-/// training step, 221 split products, per-product finishing gap summed over a step: 15–22 ms
-/// in one hour, 68 ms in another, the task on the same one of the two CPUs later every time:
-/// the host's CPUs run at different speeds for minutes at a time).
-///
-/// # Safety
-/// As [`gemm`]'s; each of the pair's two tasks runs this (or none of them does) with its own
-/// destination block, and `pair` outlives both.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_in_pair(
-    dst: *mut f32,
-    dst_rs: usize,
-    a: Mat,
-    b: Mat,
-    acc: Acc,
-    scale: f32,
-    then: Option<Then>,
-    sums: Option<*mut f32>,
-    (pair, me): (&Pair, usize),
-) {
-    in_pair((pair, me), |p| {
+    shared(pair, |p| {
         on_this_thread(dst, dst_rs, a, b, (acc, scale, then, sums), false, p)
     })
 }
 
-/// [`gemm_transposed`] as task `me` of `pair` (see [`gemm_in_pair`]).
-///
-/// # Safety
-/// As [`gemm_transposed`]'s and [`gemm_in_pair`]'s.
-pub unsafe fn gemm_transposed_in_pair(
-    dst: *mut f32,
-    dst_rs: usize,
-    a: Mat,
-    b: Mat,
-    (acc, scale): (Acc, f32),
-    (pair, me): (&Pair, usize),
-) {
-    in_pair((pair, me), |p| {
-        on_this_thread(dst, dst_rs, a, b, (acc, scale, None, None), true, p)
-    })
-}
-
 /// Runs `half` (this task's product, sharing its strips through the pair it is given) as
-/// task `me` of `pair`, then helps the other task with what is left of its half.
+/// task `me` of `pair`, then helps the other task with what is left of its half; without a
+/// pair, just `half`.
 ///
 /// # Safety
-/// `half` must be one of [`run`]'s products; see [`gemm_in_pair`].
-unsafe fn in_pair((pair, me): (&Pair, usize), half: impl FnOnce(Option<(&Pair, usize)>)) {
+/// `half` must be one of [`run`]'s products; see [`gemm`].
+unsafe fn shared(pair: Option<(&Pair, usize)>, half: impl FnOnce(Option<(&Pair, usize)>)) {
     /// Marks the task done however its half ends: a panic in it must reach rayon's join, not
     /// leave the other task helping forever.
     struct Done<'a>(&'a Slot);
@@ -165,6 +127,9 @@ unsafe fn in_pair((pair, me): (&Pair, usize), half: impl FnOnce(Option<(&Pair, u
             self.0.state.store(DONE, SeqCst);
         }
     }
+    let Some((pair, me)) = pair else {
+        return half(None);
+    };
     let slot = &pair.slots[me];
     slot.state.store(RUNNING, SeqCst);
     {
@@ -174,8 +139,15 @@ unsafe fn in_pair((pair, me): (&Pair, usize), half: impl FnOnce(Option<(&Pair, u
     pair.slots[1 - me].help();
 }
 
-/// The two tasks of a product split in two that share out each other's strips (see
-/// [`gemm_in_pair`]).
+/// The two tasks of a product split in two, which share out each other's strips: each task
+/// offers the strips of each block it works on to the other, claiming them itself from the
+/// front while the other, once its own half is done, takes them from the back; so neither
+/// waits for the other at the end by more than a strip.
+///
+/// Why: the halves are equal work, yet one finished systematically later (BERT-base MLM
+/// training step, 221 split products, per-product finishing gap summed over a step: 15–22 ms
+/// in one hour, 68 ms in another, the task on the same one of the two CPUs later every time:
+/// the host's CPUs run at different speeds for minutes at a time).
 pub struct Pair {
     slots: [Slot; 2],
 }
@@ -409,11 +381,22 @@ impl Pass<'_> {
 /// `a` is then the microkernel's operand read in place, streamed once, and the small `b` is
 /// the one packed, in a single block (see [`super::gemm`]'s use).
 ///
+/// `pair` as [`gemm`]'s.
+///
 /// # Safety
 /// `dst` must be valid for `(n - 1) * dst_rs + m` elements, written by no one else during the
-/// call, and [`available`] must be true.
-pub unsafe fn gemm_transposed(dst: *mut f32, dst_rs: usize, a: Mat, b: Mat, acc: Acc, scale: f32) {
-    on_this_thread(dst, dst_rs, a, b, (acc, scale, None, None), true, None)
+/// call, and [`available`] must be true; a pair as [`gemm`]'s.
+pub unsafe fn gemm_transposed(
+    dst: *mut f32,
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    (acc, scale): (Acc, f32),
+    pair: Option<(&Pair, usize)>,
+) {
+    shared(pair, |p| {
+        on_this_thread(dst, dst_rs, a, b, (acc, scale, None, None), true, p)
+    })
 }
 
 /// [`run`] with this thread's packing buffers.
@@ -946,7 +929,19 @@ mod tests {
                 let mut dst = vec![7f32; (m - 1) * rs + n + 3];
                 for (acc, factor) in [(Acc::Overwrite, 0.5), (Acc::Add, 1.0)] {
                     // Safety: AVX-512 checked above; dst holds the block.
-                    unsafe { gemm(dst[3..].as_mut_ptr(), rs, am, bm, acc, 0.5, None, None) };
+                    unsafe {
+                        gemm(
+                            dst[3..].as_mut_ptr(),
+                            rs,
+                            am,
+                            bm,
+                            acc,
+                            0.5,
+                            None,
+                            None,
+                            None,
+                        )
+                    };
                     let want = |i, j| factor * want[i * n + j];
                     let tol = |w: f64| 1e-3 * (1.0 + w.abs());
                     let what = format!("{m}x{k}x{n} ({acc:?})");
@@ -959,7 +954,7 @@ mod tests {
                 // Safety: as above; sums holds m values.
                 unsafe {
                     let (d, s) = (dst[3..].as_mut_ptr(), sums.as_mut_ptr());
-                    gemm(d, rs, am, bm, Acc::Overwrite, 1.0, None, Some(s))
+                    gemm(d, rs, am, bm, Acc::Overwrite, 1.0, None, Some(s), None)
                 };
                 let tol = |w: f64| 1e-3 * (1.0 + w.abs());
                 let what = format!("{m}x{k}x{n} with sums");
@@ -1000,7 +995,19 @@ mod tests {
                 let tol = |w: f64| 1e-3 * (1.0 + w.abs());
                 let mut dst = vec![7f32; m * n];
                 // Safety: AVX-512 checked above; dst holds the product.
-                unsafe { gemm(dst.as_mut_ptr(), n, am, bp, Acc::Overwrite, 1.0, None, None) };
+                unsafe {
+                    gemm(
+                        dst.as_mut_ptr(),
+                        n,
+                        am,
+                        bp,
+                        Acc::Overwrite,
+                        1.0,
+                        None,
+                        None,
+                        None,
+                    )
+                };
                 let what = format!("{m}x{k}x{n} from panels");
                 assert_block(&dst, n, (m, n), |i, j| want[i * n + j], tol, &what);
                 let mut dst = vec![7f32; m * n];
@@ -1027,6 +1034,7 @@ mod tests {
                 bm,
                 Acc::Overwrite,
                 1.0,
+                None,
                 None,
                 None,
             )
