@@ -234,6 +234,15 @@ pub(crate) fn forward_kept(
     let mut y = uninit(rows * out);
     let dst = SharedMut::new(&mut y);
     forward_then(pre, out, x, wt, b, rows, |row, c0, v| {
+        // The next strip's piece of `y`, a fresh buffer, asked for with intent to write while
+        // that strip's product runs: BERT-base MLM training, the forward (the FFN input's
+        // activation and its derivative) −14.1 ± 4.8 and −15.7 ± 2.7 ms (in-process, 20 pairs
+        // each, 19 and 18 won); distillation, the student's forward −6.4 ± 5.5 (25, 21 won).
+        if row + super::packed::STRIP < rows {
+            // Safety: that strip's rows exist (row + STRIP < rows), so the piece is in `y`.
+            let next = unsafe { dst.at((row + super::packed::STRIP) * out + c0) };
+            super::math::prefetch_for_write(next, v.len());
+        }
         // Safety: the piece's place in `y` (where it is in `pre`) is this task's alone.
         let o = unsafe { std::slice::from_raw_parts_mut(dst.at(row * out + c0), v.len()) };
         post(row, c0, v, o);

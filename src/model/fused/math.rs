@@ -147,17 +147,35 @@ pub fn act_slice(a: Activation, x: &mut [f32]) {
 #[inline]
 pub fn prefetch<T>(data: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let start = data.as_ptr().cast::<i8>();
-        for offset in (0..std::mem::size_of_val(data)).step_by(64) {
-            // Safety: a prefetch (SSE, part of x86-64) changes no state a program sees and
-            // does not fault; the address is inside `data`.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.add(offset)) };
-        }
-    }
+    prefetch_lines::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+        data.as_ptr().cast(),
+        std::mem::size_of_val(data),
+    );
     #[cfg(not(target_arch = "x86_64"))]
     let _ = data;
+}
+
+/// Asks the CPU for the `len` floats from `start` with intent to write them (`prefetchw`; a
+/// no-op off x86-64): for an epilogue whose next piece stores to lines nothing has brought
+/// into the caches (a fresh output), whose stores would otherwise each wait for its line.
+#[inline]
+pub fn prefetch_for_write(start: *const f32, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    prefetch_lines::<{ std::arch::x86_64::_MM_HINT_ET0 }>(start.cast(), len * 4);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (start, len);
+}
+
+/// One prefetch with `HINT` per cache line of the `bytes` from `start`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn prefetch_lines<const HINT: i32>(start: *const i8, bytes: usize) {
+    for offset in (0..bytes).step_by(64) {
+        // Safety: a prefetch (SSE, part of x86-64; the write hint is a hint where the CPU
+        // lacks PREFETCHW) changes no state a program sees and does not fault, whatever the
+        // address.
+        unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(start.wrapping_add(offset)) };
+    }
 }
 
 /// `g[i] *= act'(pre[i])`.
