@@ -111,6 +111,7 @@ pub fn gemm_then(dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat, threads: usize,
             b,
             (Acc::Overwrite, 1.0, Some(then), None),
             threads,
+            None,
         )
     }
 }
@@ -144,6 +145,7 @@ pub fn gemm_row_sums(
             b,
             (Acc::Overwrite, 1.0, None, Some(s)),
             threads,
+            None,
         )
     }
 }
@@ -165,14 +167,26 @@ pub unsafe fn gemm_raw(
     scale: f32,
     threads: usize,
 ) {
-    product(dst, dst_rs, (m, n), a, b, (acc, scale, None, None), threads)
+    product(
+        dst,
+        dst_rs,
+        (m, n),
+        a,
+        b,
+        (acc, scale, None, None),
+        threads,
+        None,
+    )
 }
 
 /// How a product's result is combined, and the extra work it does: `(acc, scale, then,
 /// sums)`, `sums` (m elements) for the row sums of `a` ([`gemm_row_sums`]).
 type Extras<'a> = (Acc, f32, Option<Then<'a>>, Option<super::SharedMut>);
 
-/// [`gemm_raw`] with an optional [`Then`] and row sums.
+/// [`gemm_raw`] with an optional [`Then`] and row sums. With `pair`, this (unthreaded)
+/// product is one of the two tasks of a split one, and shares its strips with the other where
+/// our packing runs it ([`super::packed::Pair`]).
+#[allow(clippy::too_many_arguments)]
 unsafe fn product(
     dst: *mut f32,
     dst_rs: usize,
@@ -181,6 +195,7 @@ unsafe fn product(
     b: Mat,
     (acc, scale, then, sums): Extras,
     threads: usize,
+    pair: Option<(&super::packed::Pair, usize)>,
 ) {
     let k = a.cols;
     debug_assert_eq!(a.rows, m);
@@ -232,7 +247,7 @@ unsafe fn product(
     }
     if threads <= 1 && super::packed::suits(&a, &b) {
         let sums = sums.map(|s| s.at(0));
-        super::packed::gemm(dst, dst_rs, a, b, acc, scale, then, sums, None);
+        super::packed::gemm(dst, dst_rs, a, b, acc, scale, then, sums, pair);
         return;
     }
     let parallelism = if threads > 1 {
@@ -326,24 +341,19 @@ unsafe fn split(
                 Split::Rows(_) => sums.map(|s| s.offset(lo)),
                 Split::Columns(_) => sums.filter(|_| t == 0),
             };
-            let pair = pair.as_ref().map(|p| (p, t));
-            if pair.is_some() && at.cols > 0 && super::packed::suits(&at, &bt) {
-                // Safety: as below. (Should only one of the two take this way, it finds the
-                // other never started sharing and helps no one.)
-                let sums = sums.map(|s| s.at(0));
-                super::packed::gemm(d.at(offset), dst_rs, at, bt, acc, scale, then, sums, pair)
-            } else {
-                // Safety: each task writes its own block of `dst` and of `sums`.
-                product(
-                    d.at(offset),
-                    dst_rs,
-                    size,
-                    at,
-                    bt,
-                    (acc, scale, then, sums),
-                    1,
-                )
-            }
+            // Safety: each task writes its own block of `dst` and of `sums`. (Should only
+            // one of a pair go through our packing, it finds the other never started
+            // sharing and helps no one.)
+            product(
+                d.at(offset),
+                dst_rs,
+                size,
+                at,
+                bt,
+                (acc, scale, then, sums),
+                1,
+                pair.as_ref().map(|p| (p, t)),
+            )
         },
     );
 }
