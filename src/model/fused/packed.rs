@@ -473,6 +473,7 @@ unsafe fn run(
     } else {
         params.nc
     };
+
     // Stored transposed (see [`gemm_transposed`]): L (our few columns) in one block, so that
     // R, read in place, streams through once.
     let (mc, nc) = if transposed {
@@ -492,6 +493,12 @@ unsafe fn run(
     if let Some(s) = sums {
         std::ptr::write_bytes(s, 0, np);
     }
+    // A packed R streams from L3 once per block of L: at most R_BLOCK_BYTES of it a block.
+    let nc = if pack_r && !transposed {
+        narrowed(nc, np, kc, R_BLOCK_BYTES, NR)
+    } else {
+        nc
+    };
     let lpack = aligned(lbuf, mc.div_ceil(MR) * MR * kc);
     let rpack = aligned(rbuf, if pack_r { nc.div_ceil(NR) * NR * kc } else { 0 });
 
@@ -664,19 +671,29 @@ fn blocking((kc, mc): (usize, usize), m: usize, k: usize, budget: usize) -> (usi
     }
     let deepest = (budget / (4 * MR)).max(kc);
     let kc = k.div_ceil(k.div_ceil(deepest));
-    (kc, narrowed(mc, m, kc, budget))
+    (kc, narrowed(mc, m, kc, budget, MR))
 }
 
-/// `mc` (a multiple of MR) brought down to the rows of at most `budget` bytes at depth `k`
-/// (one panel at least), split evenly over `m` rows.
-fn narrowed(mc: usize, m: usize, k: usize, budget: usize) -> usize {
-    let cap = (budget / (4 * k) / MR * MR).max(MR);
+/// `mc` (a multiple of `unit`, MR or NR) brought down to the rows of at most `budget` bytes at
+/// depth `k` (one unit at least), split evenly over `m` rows.
+fn narrowed(mc: usize, m: usize, k: usize, budget: usize, unit: usize) -> usize {
+    let cap = (budget / (4 * k) / unit * unit).max(unit);
     if mc <= cap {
         return mc;
     }
     let blocks = m.div_ceil(cap);
-    (m.div_ceil(blocks * MR) * MR).min(cap)
+    (m.div_ceil(blocks * unit) * unit).min(cap)
 }
+
+/// The most a block of packed R may take (gemm's `nc` is all of it on BERT-base's shapes):
+/// each block of L streams all of it from L3, which the host's other tenants share. Only the
+/// FFN input's weight gradient packs an R this big (`gᵀ·x`, each thread's 1536 columns of `g`
+/// at depth 1024: 6 MiB, now two blocks of 3): 379–407 -> 440–460 GFLOP/s in cache
+/// (`cargo bench --bench gemm_shapes -- base 2`, alternating runs); 2 MiB blocks ran the
+/// same, 1.5 MiB and 0.75 MiB slower (425–431, 412–415). In-process (switch flipped every
+/// other step), BERT-base distillation −12.4 ± 2.9 ms (25 pairs, 21 won; backward −12.3 ±
+/// 1.9), MLM training −8.7 ± 4.7 (20 pairs).
+const R_BLOCK_BYTES: usize = 3 << 20;
 
 /// The packed panels' alignment in bytes (gemm's own): a register load never straddles two
 /// cache lines. Unaligned panels cost ~10% on every shape.
@@ -924,6 +941,7 @@ mod tests {
             (20, 1030, 400),
             (9, 2600, 70),
             (9, 3100, 130),
+            (1600, 1030, 20),
         ];
         for &(m, k, n) in &shapes {
             let rs = n + 5;
@@ -1061,22 +1079,22 @@ mod tests {
     #[test]
     fn narrowed_blocks_are_even_multiples_of_mr() {
         const MIB: usize = 1 << 20;
-        assert_eq!(narrowed(256, 1000, 768, MIB), 256);
+        assert_eq!(narrowed(256, 1000, 768, MIB, MR), 256);
         // 1152 rows at depth 768: 4 blocks of 320 (the last 192).
-        assert_eq!(narrowed(512, 1152, 768, MIB), 320);
-        assert_eq!(narrowed(512, 1536, 768, MIB), 320);
+        assert_eq!(narrowed(512, 1152, 768, MIB, MR), 320);
+        assert_eq!(narrowed(512, 1536, 768, MIB, MR), 320);
         // 384 rows: 2 blocks of 192 rather than 320 + 64.
-        assert_eq!(narrowed(512, 384, 768, MIB), 192);
+        assert_eq!(narrowed(512, 384, 768, MIB, MR), 192);
         // Deeper, narrower: 256 rows at 1024, one panel at 3072 (and at any greater depth).
-        assert_eq!(narrowed(512, 768, 1024, MIB), 256);
-        assert_eq!(narrowed(384, 384, 3072, MIB), 64);
-        assert_eq!(narrowed(384, 384, 9000, MIB), 64);
+        assert_eq!(narrowed(512, 768, 1024, MIB, MR), 256);
+        assert_eq!(narrowed(384, 384, 3072, MIB, MR), 64);
+        assert_eq!(narrowed(384, 384, 9000, MIB, MR), 64);
         // Half the budget, half the rows.
-        assert_eq!(narrowed(512, 1536, 768, MIB / 2), 128);
+        assert_eq!(narrowed(512, 1536, 768, MIB / 2, MR), 128);
         for budget in [MIB / 4, MIB / 2, MIB] {
             for k in [768, 1024, 1536, 3072] {
                 for m in [65, 321, 700, 1152, 3072] {
-                    let mc = narrowed(512, m, k, budget);
+                    let mc = narrowed(512, m, k, budget, MR);
                     assert!(
                         mc.is_multiple_of(MR)
                             && (mc * k * 4 <= budget || mc == MR)
