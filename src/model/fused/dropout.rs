@@ -16,6 +16,8 @@ use rayon::prelude::*;
 use std::sync::Arc;
 
 const BLOCK: usize = 1 << 14;
+/// Elements drawn at a time within a block (a multiple of 4: whole u64s, as BLOCK is).
+const RUN: usize = 1 << 10;
 
 /// A dropout mask: which elements are kept, and the scale `1/(1-p)` applied to them.
 #[derive(Debug, Clone)]
@@ -35,11 +37,18 @@ impl Mask {
             .for_each(|(i, block)| {
                 let mut r = ChaCha8Rng::seed_from_u64(seed);
                 r.set_stream(i as u64);
-                for quad in block.chunks_mut(4) {
-                    let bits = r.next_u64();
-                    for (j, k) in quad.iter_mut().enumerate() {
-                        let draw = ((bits >> (16 * j)) & 0xffff) as u32;
-                        *k = (draw >= threshold) as u8;
+                // The stream's bytes a run at a time, two to an element (little-endian): the
+                // same draws as one `next_u64` per four elements, its 16-bit quarters low
+                // first (runs are whole u64s but a block's last, after which the stream is
+                // dropped). 0.53 rather than 0.85–1.2 ns an element (one thread, 2^24
+                // elements); in-process BERT-base student forward −7.3 ± 1.5 ms (MLM
+                // training, 20 pairs, 19 won) and −9.2 ± 1.6 (distillation, 20 of 20 won).
+                let mut bytes = [0u8; 2 * RUN];
+                for run in block.chunks_mut(RUN) {
+                    let b = &mut bytes[..2 * run.len()];
+                    r.fill_bytes(b);
+                    for (k, d) in run.iter_mut().zip(b.chunks_exact(2)) {
+                        *k = (u16::from_le_bytes([d[0], d[1]]) as u32 >= threshold) as u8;
                     }
                 }
             });
@@ -106,4 +115,37 @@ impl CustomOp1 for DropoutOp {
 pub fn dropout(x: &Tensor, p: f32, rng: &mut ChaCha8Rng) -> Result<Tensor> {
     let mask = Mask::draw(rng, x.elem_count(), p);
     Ok(x.contiguous()?.apply_op1(DropoutOp { mask })?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_are_the_draws_of_one_u64_per_four_elements() {
+        // The reference: block i from stream i, each u64 four 16-bit draws, low first; sizes
+        // that end a block, a run and a u64 part-way.
+        for n in [3, RUN + 5, BLOCK, 2 * BLOCK + RUN + 7] {
+            let p = 0.1;
+            let mut rng = ChaCha8Rng::seed_from_u64(42);
+            let mask = Mask::draw(&mut rng, n, p);
+            let mut rng = ChaCha8Rng::seed_from_u64(42);
+            let seed: u64 = rng.random();
+            let threshold = (p as f64 * 65536.0).round() as u32;
+            let mut want = vec![0u8; n];
+            for (i, block) in want.chunks_mut(BLOCK).enumerate() {
+                let mut r = ChaCha8Rng::seed_from_u64(seed);
+                r.set_stream(i as u64);
+                for quad in block.chunks_mut(4) {
+                    let bits = r.next_u64();
+                    for (j, k) in quad.iter_mut().enumerate() {
+                        *k = (((bits >> (16 * j)) & 0xffff) as u32 >= threshold) as u8;
+                    }
+                }
+            }
+            assert_eq!(*mask.keep, want, "{n} elements");
+            let kept = want.iter().map(|&k| k as usize).sum::<usize>() as f64 / n as f64;
+            assert!(n < 1000 || (kept - 0.9).abs() < 0.02, "{n}: kept {kept}");
+        }
+    }
 }
