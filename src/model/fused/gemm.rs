@@ -14,7 +14,7 @@ pub struct Mat<'a> {
     pub cs: usize,
     /// For a right operand, its transpose already packed as [`super::packed`] packs it
     /// ([`super::packed::pack_panels`]: a frozen weight, packed once): the AVX-512 product
-    /// copies blocks of it instead of packing `data`, which every other path reads.
+    /// reads it in place instead of packing `data`, which every other path reads.
     pub panels: Option<&'a [f32]>,
 }
 
