@@ -116,6 +116,33 @@ pub fn gemm_then(dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat, threads: usize,
     }
 }
 
+/// Whether [`gemm_bias`] takes `a · b`: the products stored transposed (the MLM decoder's
+/// `x·Eᵀ`, see [`transposed`]), whose `then` would otherwise be a pass over the whole result.
+pub fn bias_in_store(a: &Mat, b: &Mat, threads: usize) -> bool {
+    threads > 1 && a.cols > 0 && super::packed::transposed_suits(a, b)
+}
+
+/// `dst (m × n, row stride dst_rs) = a · b + bias` (`bias[j]` added to column `j`) for a
+/// product [`bias_in_store`] takes: the bias added to each strip of columns as it is stored,
+/// rather than in a pass over the whole result after it (a `then`). Panics for others.
+pub fn gemm_bias(dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat, bias: &[f32], threads: usize) {
+    let (m, n) = checked(dst, dst_rs, &a, &b);
+    assert_eq!(
+        bias.len(),
+        n,
+        "gemm_bias: a bias for each of the {n} columns"
+    );
+    assert!(
+        bias_in_store(&a, &b, threads),
+        "gemm_bias: not a transposed-store product"
+    );
+    // Safety: bounds checked above; `dst` is borrowed mutably for the call.
+    unsafe {
+        let extras = (Acc::Overwrite, 1.0, Some(bias));
+        transposed(dst.as_mut_ptr(), dst_rs, (m, n), a, b, extras, threads)
+    };
+}
+
 /// `dst (m × n, row stride dst_rs) = a · b`, and `sums[i] = Σ_k a[i][k]` (the row sums of
 /// `a`): a weight gradient `gᵀ·x` with its bias gradient, the sums added up where the
 /// product packs `gᵀ` anyway (`packed`) rather than in a pass of their own over `g`
@@ -216,7 +243,7 @@ unsafe fn product(
         return;
     }
     if threads > 1 && super::packed::transposed_suits(&a, &b) {
-        transposed(dst, dst_rs, (m, n), a, b, (acc, scale), threads);
+        transposed(dst, dst_rs, (m, n), a, b, (acc, scale, None), threads);
         rows_then(dst, dst_rs, m, n, then);
         row_sums(&a, sums);
         return;
@@ -382,7 +409,7 @@ unsafe fn transposed(
     (m, n): (usize, usize),
     a: Mat,
     b: Mat,
-    (acc, scale): (Acc, f32),
+    (acc, scale, bias): (Acc, f32, Option<&[f32]>),
     threads: usize,
 ) {
     debug_assert_eq!(m, a.rows);
@@ -406,7 +433,8 @@ unsafe fn transposed(
             };
             // Safety: task t writes only columns lo..hi of dst.
             let pair = pair.as_ref().map(|p| (p, t));
-            super::packed::gemm_transposed(d.at(lo), dst_rs, bt, a.t(), (acc, scale), pair)
+            let bias = bias.map(|b| &b[lo..hi]);
+            super::packed::gemm_transposed(d.at(lo), dst_rs, bt, a.t(), (acc, scale), bias, pair)
         },
     );
 }
@@ -580,8 +608,15 @@ mod tests {
                 }
             };
             gemm_then(&mut dst[3..], rs, am, bm, 2, &then);
-            let want = |i: usize, j: usize| want[i * n + j] + (i * 3 + j) as f64;
-            assert_block(&dst[3..], rs, (m, n), want, |_| 1e-3, "then");
+            let want_then = |i: usize, j: usize| want[i * n + j] + (i * 3 + j) as f64;
+            assert_block(&dst[3..], rs, (m, n), want_then, |_| 1e-3, "then");
+            // The bias added as the transposed product stores each strip.
+            if bias_in_store(&am, &bm, 2) {
+                let bias = filled(n, 3, 17);
+                gemm_bias(&mut dst[3..], rs, am, bm, &bias, 2);
+                let want = |i: usize, j: usize| want[i * n + j] + bias[j] as f64;
+                assert_block(&dst[3..], rs, (m, n), want, |_| 1e-3, "bias");
+            }
         }
     }
 

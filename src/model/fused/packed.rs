@@ -108,7 +108,7 @@ pub unsafe fn gemm(
     pair: Option<(&Pair, usize)>,
 ) {
     shared(pair, |p| {
-        on_this_thread(dst, dst_rs, a, b, (acc, scale, then, sums), false, p)
+        on_this_thread(dst, dst_rs, a, b, (acc, scale, then, sums), Store::Rows, p)
     })
 }
 
@@ -324,6 +324,8 @@ struct Pass<'t> {
     status: u8,
     /// On the last block of depth only.
     then: Option<Then<'t>>,
+    /// [`Store::Transposed`]'s bias, indexed by R's column (on the last block of depth only).
+    bias: Option<*const f32>,
 }
 
 impl Pass<'_> {
@@ -373,6 +375,16 @@ impl Pass<'_> {
             );
             ir += MR;
         }
+        if let Some(bias) = self.bias {
+            // The strip's nn columns of the transposed result: mb rows of it, each nn floats.
+            add_columns(
+                self.dst.add((self.j0 + jr) * self.ucs + self.i0 * self.urs),
+                self.urs,
+                self.mb,
+                bias.add(self.j0 + jr),
+                nn,
+            );
+        }
         if let Some(f) = self.then {
             for t in 0..nn {
                 let row = self.j0 + jr + t;
@@ -385,6 +397,19 @@ impl Pass<'_> {
     #[cfg(not(target_arch = "x86_64"))]
     unsafe fn strip(&self, _s: usize) {
         unreachable!("packed::gemm needs AVX-512")
+    }
+}
+
+/// `dst[r·rs + j] += bias[j]` for `r < rows`, `j < nn` (at most 16).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn add_columns(dst: *mut f32, rs: usize, rows: usize, bias: *const f32, nn: usize) {
+    use std::arch::x86_64::*;
+    let m = super::math::avx512::lanes(nn);
+    let b = _mm512_maskz_loadu_ps(m, bias);
+    for r in 0..rows {
+        let d = dst.add(r * rs);
+        _mm512_mask_storeu_ps(d, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, d), b));
     }
 }
 
@@ -405,11 +430,25 @@ pub unsafe fn gemm_transposed(
     a: Mat,
     b: Mat,
     (acc, scale): (Acc, f32),
+    bias: Option<&[f32]>,
     pair: Option<(&Pair, usize)>,
 ) {
+    if let Some(bias) = bias {
+        assert!(bias.len() >= a.rows, "packed: a bias for each of a's rows");
+    }
+    let store = Store::Transposed(bias.map(|b| b.as_ptr()));
     shared(pair, |p| {
-        on_this_thread(dst, dst_rs, a, b, (acc, scale, None, None), true, p)
+        on_this_thread(dst, dst_rs, a, b, (acc, scale, None, None), store, p)
     })
+}
+
+/// How [`run`] stores the result: as computed (row-major, our terms), or transposed (see
+/// [`gemm_transposed`]) with, optionally, `bias[j]` added to every element of its column `j`
+/// (each strip's columns as soon as the strip is done, while they are in L1).
+#[derive(Clone, Copy)]
+enum Store {
+    Rows,
+    Transposed(Option<*const f32>),
 }
 
 /// [`run`] with this thread's packing buffers.
@@ -422,7 +461,7 @@ unsafe fn on_this_thread(
     a: Mat,
     b: Mat,
     extras: (Acc, f32, Option<Then>, Option<*mut f32>),
-    transposed: bool,
+    store: Store,
     pair: Option<(&Pair, usize)>,
 ) {
     #[cfg(target_arch = "x86_64")]
@@ -430,12 +469,12 @@ unsafe fn on_this_thread(
         debug_assert!(available());
         BUFS.with(|bufs| {
             let (lbuf, rbuf) = &mut *bufs.borrow_mut();
-            run(dst, dst_rs, a, b, extras, transposed, lbuf, rbuf, pair)
+            run(dst, dst_rs, a, b, extras, store, lbuf, rbuf, pair)
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (dst, dst_rs, a, b, extras, transposed, pair);
+        let _ = (dst, dst_rs, a, b, extras, store, pair);
         unreachable!("packed::gemm needs AVX-512")
     }
 }
@@ -448,13 +487,17 @@ unsafe fn run(
     a: Mat,
     b: Mat,
     (acc, scale, then, sums): (Acc, f32, Option<Then>, Option<*mut f32>),
-    transposed: bool,
+    store: Store,
     lbuf: &mut Vec<f32>,
     rbuf: &mut Vec<f32>,
     pair: Option<(&Pair, usize)>,
 ) {
     // gemm's column-major problem: m' = our n, n' = our m.
     let (mp, np, k) = (b.cols, a.rows, a.cols);
+    let (transposed, bias) = match store {
+        Store::Rows => (false, None),
+        Store::Transposed(bias) => (true, bias),
+    };
     let l = Operand {
         data: b.data.as_ptr(),
         rs: b.cs,
@@ -559,6 +602,7 @@ unsafe fn run(
                     scale,
                     status,
                     then: then.filter(|_| p0 + kb == k),
+                    bias: bias.filter(|_| p0 + kb == k),
                 };
                 match pair {
                     Some((pair, me)) => pair.slots[me].share(&pass),
