@@ -34,29 +34,6 @@ use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
-pub static TT: Mutex<std::collections::BTreeMap<String, (f64, usize)>> =
-    Mutex::new(std::collections::BTreeMap::new());
-struct Tm {
-    t: std::time::Instant,
-    pre: &'static str,
-}
-impl Tm {
-    fn new(pre: &'static str) -> Self {
-        Tm {
-            t: std::time::Instant::now(),
-            pre,
-        }
-    }
-    fn mark(&mut self, name: &str) {
-        let now = std::time::Instant::now();
-        let mut g = TT.lock().unwrap();
-        let e = g.entry(format!("{}{}", self.pre, name)).or_insert((0.0, 0));
-        e.0 += (now - self.t).as_secs_f64();
-        e.1 += 1;
-        drop(g);
-        self.t = std::time::Instant::now();
-    }
-}
 
 /// A layer's parameters, each `(weight, bias)`: the linears' weights are `[out, in]`.
 #[derive(Clone)]
@@ -433,7 +410,6 @@ impl CustomOp1 for LayerOp {
                 unreachable!("sixteen parameters")
             };
             let t = self.w.transposed.as_deref();
-            let mut tm = Tm::new(if t.is_some() { "T " } else { "S " });
             let mut qkv = uninit(rows * 3 * h);
             if let Some((wqkv, bqkv)) = t.and_then(Transposed::qkv) {
                 forward_then(
@@ -458,7 +434,6 @@ impl CustomOp1 for LayerOp {
                     );
                 }
             }
-            tm.mark("1 qkv");
             let mut ctx = uninit(rows * h);
             let probs = attention::forward(
                 dm,
@@ -470,7 +445,6 @@ impl CustomOp1 for LayerOp {
                 self.masks.attention.as_ref(),
                 self.keep,
             );
-            tm.mark("2 attention");
             let mut a_d = uninit(rows * h);
             // Dropout of a [rows, h] output with the bias, piece by piece.
             forward_then(
@@ -482,9 +456,7 @@ impl CustomOp1 for LayerOp {
                 rows,
                 dropout(self.masks.attn_out.as_ref(), h),
             );
-            tm.mark("3 attn out");
             let a = forward_all(&a_d, Some(x), g1, be1, self.eps);
-            tm.mark("4 LN1");
             // The bias and the activation on each piece of the product as it is finished.
             // Training keeps the activation's derivative at the pre-activation in place of
             // the pre-activation itself (one erf for both; the backward multiplies): BERT-base
@@ -502,7 +474,6 @@ impl CustomOp1 for LayerOp {
                 });
                 std::mem::take(&mut i_pre)
             };
-            tm.mark("5 FFN in");
             let mut o_d = uninit(rows * h);
             forward_then(
                 &mut o_d,
@@ -513,11 +484,8 @@ impl CustomOp1 for LayerOp {
                 rows,
                 dropout(self.masks.output.as_ref(), h),
             );
-            tm.mark("6 FFN out");
             let y = forward_all(&o_d, Some(&a), g2, be2, self.eps);
-            tm.mark("7 LN2");
-            let probs2 = probs;
-            if let Some(probs) = probs2 {
+            if let Some(probs) = probs {
                 *self.saved.lock().unwrap() = Some(Saved {
                     qkv,
                     probs,
@@ -529,7 +497,6 @@ impl CustomOp1 for LayerOp {
                     o_d,
                 });
             }
-            tm.mark("8 save");
             y
         })?;
         Ok((cpu_out(y), l.shape().clone()))
@@ -566,7 +533,6 @@ impl CustomOp1 for LayerOp {
             };
             xr.with(|x| {
                 gr.with(|dy| {
-                    let mut tm = Tm::new("B ");
                     // LN₂ over o_d + a.
                     // LN₂'s input gradient da, and do = da through the FFN output's dropout
                     // (da itself without one: it is read before FFN in adds to it).
@@ -582,7 +548,6 @@ impl CustomOp1 for LayerOp {
                     // the product finishes it. Prefetching the next strip's piece of it (on a
                     // Zen 5 EPYC, BERT-base distillation backward −15.7 ± 3.3 and −10.2 ± 1.6
                     // ms, in-process, 15 and 20 pairs; two strips ahead no better).
-                    tm.mark("1 LN2");
                     let mut di = uninit(rows * f);
                     let act_grad = |row: usize, c0: usize, g: &mut [f32]| {
                         let at = row * f + c0;
@@ -607,12 +572,10 @@ impl CustomOp1 for LayerOp {
                         Some(&act_grad),
                     );
                     drop(d_o);
-                    tm.mark("2 FFN out");
                     // FFN in: da += di_pre·W₁ (da already holds the residual's share).
                     let (dw1, db1) =
                         backward_into(&di, f, &a, w1, rows, h, f, &mut da, Acc::Add, None);
                     drop(di);
-                    tm.mark("3 FFN in");
                     // LN₁ over a_d + x.
                     // LN₁ over a_d + x; the attention output's gradient through its dropout
                     // (dx itself without one: read before q, k, v add to it).
@@ -625,7 +588,6 @@ impl CustomOp1 for LayerOp {
                         self.masks.attn_out.as_ref(),
                     );
                     drop(da);
-                    tm.mark("4 LN1");
                     let mut dctx = uninit(rows * h);
                     let (dwo, dbo) = backward_into(
                         da_pre.as_deref().unwrap_or(&dx),
@@ -640,7 +602,6 @@ impl CustomOp1 for LayerOp {
                         None,
                     );
                     drop(da_pre);
-                    tm.mark("5 attn out");
                     let mut dqkv = uninit(rows * 3 * h);
                     let dp = SharedMut::new(&mut dqkv);
                     // Safety: q, k and v's gradients are the three column blocks of dqkv,
@@ -660,7 +621,6 @@ impl CustomOp1 for LayerOp {
                         )
                     };
                     drop(dctx);
-                    tm.mark("6 attention");
                     // dx (the residual's share) += dq·W_q + dk·W_k + dv·W_v.
                     let mut qkv_grads = Vec::with_capacity(6);
                     for (j, wj) in [wq, wk, wv].into_iter().enumerate() {
@@ -679,7 +639,6 @@ impl CustomOp1 for LayerOp {
                         qkv_grads.push(dwj);
                         qkv_grads.push(dbj);
                     }
-                    tm.mark("7 qkv");
                     let mut q = qkv_grads.into_iter();
                     let mut next = || q.next().expect("six q, k, v gradients");
                     let grads = [
