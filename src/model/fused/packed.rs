@@ -188,12 +188,12 @@ const STRIP_MASK: u64 = (1 << STRIP_BITS) - 1;
 
 /// One task's side of a [`Pair`]: the block it works on and which of its strips are left.
 ///
-/// The protocol: the owner writes `pass`, then stores `word` (a new generation, front 0, back
-/// the number of strips); it claims strips by moving the front up ([`CLAIM_SHARE`] of what
-/// is left at a time), the helper one by moving the back down, each with a compare-exchange
-/// on the whole word, so each strip goes to one of them. The helper counts itself in
-/// `inflight` before it reads `pass` and claims, out after the strip; the owner, once no strip is left, waits for `inflight` to be zero before it
-/// changes anything the pass points at (its packed blocks) or writes the next pass.
+/// The protocol: the owner writes `pass`, then stores `word` (a new generation, front 0, back the
+/// number of strips); it claims strips by moving the front up ([`CLAIM_SHARE`] of what is left at a
+/// time), the helper one by moving the back down, each with a compare-exchange on the whole word,
+/// so each strip goes to one of them. The helper counts itself in `inflight` before it reads `pass`
+/// and claims, out after the strip; the owner, once no strip is left, waits for `inflight` to be
+/// zero before it changes anything the pass points at (its packed blocks) or writes the next pass.
 struct Slot {
     state: AtomicU8,
     /// Generation (24 bits) | front | back, in strips.
