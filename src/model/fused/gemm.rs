@@ -116,14 +116,14 @@ pub fn gemm_then(dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat, threads: usize,
     }
 }
 
-/// Whether [`gemm_bias`] takes `a · b`: the products stored transposed (the MLM decoder's
-/// `x·Eᵀ`, see [`transposed`]), whose `then` would otherwise be a pass over the whole result.
-pub fn bias_in_store(a: &Mat, b: &Mat, threads: usize) -> bool {
+/// Whether `a · b` runs as [`transposed`] (the MLM decoder's `x·Eᵀ`): the products whose
+/// `then` is a pass over the whole result after it, and which [`gemm_bias`] takes.
+pub fn stores_transposed(a: &Mat, b: &Mat, threads: usize) -> bool {
     threads > 1 && a.cols > 0 && super::packed::transposed_suits(a, b)
 }
 
 /// `dst (m × n, row stride dst_rs) = a · b + bias` (`bias[j]` added to column `j`) for a
-/// product [`bias_in_store`] takes: the bias added to each strip of columns as it is stored,
+/// product [`stores_transposed`] takes: the bias added to each strip of columns as it is stored,
 /// rather than in a pass over the whole result after it (a `then`). Panics for others.
 pub fn gemm_bias(dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat, bias: &[f32], threads: usize) {
     let (m, n) = checked(dst, dst_rs, &a, &b);
@@ -133,7 +133,7 @@ pub fn gemm_bias(dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat, bias: &[f32], t
         "gemm_bias: a bias for each of the {n} columns"
     );
     assert!(
-        bias_in_store(&a, &b, threads),
+        stores_transposed(&a, &b, threads),
         "gemm_bias: not a transposed-store product"
     );
     // Safety: bounds checked above; `dst` is borrowed mutably for the call.
@@ -242,7 +242,7 @@ unsafe fn product(
         row_sums(&a, sums);
         return;
     }
-    if threads > 1 && super::packed::transposed_suits(&a, &b) {
+    if stores_transposed(&a, &b, threads) {
         transposed(dst, dst_rs, (m, n), a, b, (acc, scale, None), threads);
         rows_then(dst, dst_rs, m, n, then);
         row_sums(&a, sums);
@@ -611,7 +611,7 @@ mod tests {
             let want_then = |i: usize, j: usize| want[i * n + j] + (i * 3 + j) as f64;
             assert_block(&dst[3..], rs, (m, n), want_then, |_| 1e-3, "then");
             // The bias added as the transposed product stores each strip.
-            if bias_in_store(&am, &bm, 2) {
+            if stores_transposed(&am, &bm, 2) {
                 let bias = filled(n, 3, 17);
                 gemm_bias(&mut dst[3..], rs, am, bm, &bias, 2);
                 let want = |i: usize, j: usize| want[i * n + j] + bias[j] as f64;

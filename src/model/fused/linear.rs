@@ -7,7 +7,7 @@
 
 use super::dropout::Mask;
 use super::gemm::{
-    bias_in_store, gemm, gemm_bias, gemm_row_sums, gemm_then, threads, Acc, Mat, Then,
+    gemm, gemm_bias, gemm_row_sums, gemm_then, stores_transposed, threads, Acc, Mat, Then,
 };
 use super::grads::GradSink;
 use super::math::{act_grad_mul, act_slice};
@@ -230,7 +230,7 @@ pub(crate) fn forward_then(
 /// −1.4 ± 0.5 (MLM training, 15 of 15 won).
 fn forward_bias(y: &mut [f32], x: &[f32], wt: Mat, b: &[f32], rows: usize) {
     let xm = Mat::rm(x, rows, wt.rows);
-    if bias_in_store(&xm, &wt, threads()) {
+    if stores_transposed(&xm, &wt, threads()) {
         gemm_bias(y, wt.cols, xm, wt, b, threads());
     } else {
         forward_then(y, wt.cols, x, wt, b, rows, |_, _, _| {});
