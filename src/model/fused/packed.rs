@@ -186,6 +186,11 @@ const CLAIM_SHARE: u64 = 4;
 const STRIP_BITS: u32 = 20;
 const STRIP_MASK: u64 = (1 << STRIP_BITS) - 1;
 
+/// The `(front, back)` of a [`Slot::word`]: the strips left are `front..back`.
+fn ends(w: u64) -> (u64, u64) {
+    ((w >> STRIP_BITS) & STRIP_MASK, w & STRIP_MASK)
+}
+
 /// One task's side of a [`Pair`]: the block it works on and which of its strips are left.
 ///
 /// The protocol: the owner writes `pass`, then stores `word` (a new generation, front 0, back the
@@ -217,7 +222,7 @@ impl Slot {
         let _settled = Settled(self);
         loop {
             let w = self.word.load(SeqCst);
-            let (front, back) = ((w >> STRIP_BITS) & STRIP_MASK, w & STRIP_MASK);
+            let (front, back) = ends(w);
             if front >= back {
                 break;
             }
@@ -239,8 +244,8 @@ impl Slot {
     /// tasks may run one after the other on one thread).
     unsafe fn help(&self) {
         while self.state.load(SeqCst) == RUNNING {
-            let w = self.word.load(SeqCst);
-            if (w >> STRIP_BITS) & STRIP_MASK >= w & STRIP_MASK {
+            let (front, back) = ends(self.word.load(SeqCst));
+            if front >= back {
                 // Nothing to take while the owner packs its next block: other work queued
                 // meanwhile (the teacher's beside the student's) rather than a spin.
                 if rayon::yield_now() != Some(rayon::Yield::Executed) {
@@ -251,7 +256,7 @@ impl Slot {
             self.inflight.fetch_add(1, SeqCst);
             let _out = Out(self);
             let w = self.word.load(SeqCst);
-            let (front, back) = ((w >> STRIP_BITS) & STRIP_MASK, w & STRIP_MASK);
+            let (front, back) = ends(w);
             if front < back {
                 // Safety: a strip left in the word means its pass is written, and it stays
                 // as it is while `inflight` counts this helper.
@@ -276,9 +281,13 @@ impl Drop for Settled<'_> {
     fn drop(&mut self) {
         let word = &self.0.word;
         let mut w = word.load(SeqCst);
-        while (w >> STRIP_BITS) & STRIP_MASK < w & STRIP_MASK {
+        loop {
+            let (front, back) = ends(w);
+            if front >= back {
+                break;
+            }
             // The front moved up to the back.
-            let closed = (w & !(STRIP_MASK << STRIP_BITS)) | ((w & STRIP_MASK) << STRIP_BITS);
+            let closed = (w & !(STRIP_MASK << STRIP_BITS)) | (back << STRIP_BITS);
             match word.compare_exchange(w, closed, SeqCst, SeqCst) {
                 Ok(_) => break,
                 Err(now) => w = now,
@@ -544,7 +553,13 @@ unsafe fn run(
     } else {
         nc
     };
-    let lpack = aligned(lbuf, mc.div_ceil(MR) * MR * kc);
+    // Stored panels are read in place (below): no block of L to pack.
+    let l_len = if b.panels.is_some() {
+        0
+    } else {
+        mc.div_ceil(MR) * MR * kc
+    };
+    let lpack = aligned(lbuf, l_len);
     let rpack = aligned(rbuf, if pack_r { nc.div_ceil(NR) * NR * kc } else { 0 });
 
     let mut j0 = 0;
@@ -1030,9 +1045,9 @@ mod tests {
         }
         // b stored both ways, depths within one block, in two of our blocks and past
         // ONE_BLOCK (gemm's blocks: a block of the panels starting mid-depth), a partial last
-        // panel; unthreaded here, and
-        // through gemm's split over 2 threads: 768 columns (blocks of 384, each starting a
-        // panel) and 1100 (blocks of 560: the second starts mid-panel and packs b itself).
+        // panel; unthreaded here, and through gemm's split over 2 threads: 768 columns (blocks
+        // of 384, each starting a panel) and 1100 (blocks of 560: the second starts mid-panel
+        // and packs b itself).
         for &(m, k, n) in &[
             (30, 70, 130),
             (20, 3100, 200),
