@@ -270,6 +270,11 @@ if distill and med(d, "forward_s") is not None:
     torch_fwd = sum(x for x in seq if x is not None)
     print(f"teacher + student forward + optimiser, as one phase: {med(d, 'forward_s'):.3f} vs {torch_fwd:.3f} "
           "(distil runs the teacher beside the update and the student, each part above timed as it ran)")
+elif first["mode"] == "train" and first.get("optimizer"):
+    # distil runs the previous step's update beside the forward, block by block (as its
+    # trainer does): its encoder part holds both, its optimiser part is 0.
+    print(f"encoder + optimiser, as one phase: {med(d, 'encoder_s'):.3f} vs "
+          f"{med(p, 'encoder_s') + med(p, 'optim_s'):.3f} (distil updates beside its forward)")
 print(f"JSON lines: {out}/distil.jsonl, {out}/pytorch.jsonl")
 if others > 0.25:
     print(f"WARNING: other processes kept {others:.2f} CPUs busy during the runs: the figures are skewed "

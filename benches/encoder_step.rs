@@ -30,12 +30,15 @@
 //! only. Loss, as `recipes/distilbert.yaml` and `DistillObjective`: 5 · soft KL·T² (T = 2,
 //! masked rows) + 2 · MLM cross-entropy + 1 · cosine of the last hidden states over the
 //! non-padding tokens, from `distil::loss`; then backward and the in-place AdamW on the
-//! student. As distil's trainer and `DistillObjective` run a step: each step's AdamW update
-//! is held back and applied as the next step starts (train mode too), and in distill mode
-//! the teacher's forward runs beside that update and the student's forward (`rayon::join`).
+//! student. As distil's trainer, `MlmObjective` and `DistillObjective` run a step: each
+//! step's AdamW update is held back and applied as the next step starts; in distill mode the
+//! teacher's forward runs beside that update and the student's forward (`rayon::join`), in
+//! train mode the update runs beside the forward, block by block
+//! (`distil::train::optim::update_beside`).
 //! Parts: `teacher_s` (teacher encoder + head + its softmax at T), `encoder_s` (student
-//! encoder), `head_s` (student head + the three losses), `backward_s`, `optim_s` (the
-//! update); `forward_s`, the phase in which the teacher, the update and the student's
+//! encoder; train mode: with the update beside it), `head_s` (student head + the three
+//! losses), `backward_s`, `optim_s` (the update; 0 in train mode, where it is inside
+//! `encoder_s`); `forward_s`, the phase in which the teacher, the update and the student's
 //! forward overlap (each of those three parts is timed as it ran, beside the others).
 //! Batch 16 × 128 for small and 8 × 128 for base unless `--batch`/`--seq` say otherwise.
 //! The ids and masked positions come from a splitmix64 stream that torch_step.py
@@ -67,7 +70,7 @@ use distil::cli::bench::{
 use distil::loss::{cosine_loss, cross_entropy, masked_positions, soft_kl, teacher_probs};
 use distil::model::student::init_from_teacher;
 use distil::model::{Encoder, EncoderConfig, EncoderInput, ForwardOptions, Params, Parts};
-use distil::train::optim::{AdamW, AdamWConfig};
+use distil::train::optim::{update_beside, AdamW, AdamWConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
@@ -338,6 +341,17 @@ fn main() -> Result<()> {
         let (rng, opt, deferred) = (&mut dropout_rng, &mut opt, &mut deferred);
         let mut student_fwd = || -> Result<_> {
             let t0 = Instant::now();
+            if !distill {
+                // Train mode, as MlmObjective: the update beside the forward, block by block
+                // (`optim::update_beside`); `encoder_s` is then both, `optim_s` 0.
+                if let (Some(opt), Some(grads)) = (opt.as_mut(), deferred.take()) {
+                    let out = update_beside(opt, grads, (args.lr, 1.0), &enc, |ready| {
+                        let opts = ForwardOptions::default();
+                        enc.forward_beside(&input, opts, Some(&mut *rng), ready)
+                    })?;
+                    return Ok((out, Default::default(), t0.elapsed()));
+                }
+            }
             if let (Some(opt), Some(grads)) = (opt.as_mut(), deferred.take()) {
                 opt.update(&grads, args.lr, 1.0)?;
             }

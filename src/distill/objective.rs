@@ -248,7 +248,7 @@ impl Objective for DistillObjective<'_> {
         let logits = w_soft > 0.0 || w.logit_mse > 0.0;
         let teachers = || self.teacher_outputs(batch, opts, &soft_pos, logits, t, sd);
         let mut student_fwd = || -> Result<EncoderOutput> {
-            before_student()?;
+            before_student.settle()?;
             student.forward(&batch.input(), opts, Some(rng))
         };
         // On the CPU the teachers' forwards run beside the student's (and beside the update

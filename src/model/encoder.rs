@@ -30,6 +30,24 @@ pub struct ForwardOptions {
     pub attentions: bool,
 }
 
+/// What [`Encoder::forward_beside`] waits on before it reads parameters: an update of them
+/// that runs beside the forward (the trainer's held-back AdamW step), done in order: first
+/// every parameter outside the transformer blocks, then block 0's, block 1's, ….
+pub trait ParamsReady: Sync {
+    /// Returns once the parameters outside the blocks (`None`) or block `k`'s (`Some(k)`, see
+    /// [`Encoder::block_params`]) are final, or with the error that stopped the update.
+    fn wait(&self, block: Option<usize>) -> Result<()>;
+}
+
+/// Nothing pending: every parameter is final.
+pub struct AllReady;
+
+impl ParamsReady for AllReady {
+    fn wait(&self, _block: Option<usize>) -> Result<()> {
+        Ok(())
+    }
+}
+
 pub struct EncoderOutput {
     /// `[batch, seq, hidden]`.
     pub last_hidden_state: Tensor,
@@ -380,8 +398,51 @@ impl Encoder {
         &self,
         input: &EncoderInput,
         opts: ForwardOptions,
-        mut rng: Option<&mut ChaCha8Rng>,
+        rng: Option<&mut ChaCha8Rng>,
     ) -> Result<EncoderOutput> {
+        self.forward_beside(input, opts, rng, &AllReady)
+    }
+
+    /// The tensors each transformer block reads (`[block][…]`, by id): the groups, after
+    /// everything else, in which an update running beside [`Encoder::forward_beside`] makes
+    /// the parameters final.
+    pub fn block_params(&self) -> Vec<Vec<candle_core::TensorId>> {
+        self.blocks
+            .iter()
+            .map(|blk| {
+                let lins = [
+                    &blk.query,
+                    &blk.key,
+                    &blk.value,
+                    &blk.attn_out,
+                    &blk.intermediate,
+                    &blk.output,
+                ];
+                let mut ids: Vec<_> = lins
+                    .iter()
+                    .flat_map(|l| std::iter::once(&l.weight).chain(l.bias.as_ref()))
+                    .map(Tensor::id)
+                    .collect();
+                for n in [&blk.attn_norm, &blk.out_norm] {
+                    ids.extend([n.weight.id(), n.bias.id()]);
+                }
+                ids
+            })
+            .collect()
+    }
+
+    /// [`Encoder::forward`] while the parameters are still being updated beside it: waits on
+    /// `ready` for those outside the blocks before the embeddings, and for each block's before
+    /// the block runs, so that it reads only final values (the same output as updating them
+    /// all first). The MLM head and the pooler are outside the blocks.
+    pub fn forward_beside(
+        &self,
+        input: &EncoderInput,
+        opts: ForwardOptions,
+        mut rng: Option<&mut ChaCha8Rng>,
+        ready: &dyn ParamsReady,
+    ) -> Result<EncoderOutput> {
+        ready.wait(None)?;
         let cfg = &self.cfg;
         let ids = input.input_ids;
         let (b, s) = ids.dims2().context("input_ids must be [batch, seq]")?;
@@ -447,6 +508,7 @@ impl Encoder {
         }
         for layer in 0..cfg.num_layers {
             for k in cfg.blocks_for_layer(layer) {
+                ready.wait(Some(k))?;
                 let (y, probs) = self.block_forward(
                     &self.blocks[k],
                     &x,

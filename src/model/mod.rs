@@ -13,5 +13,5 @@ pub mod student;
 
 pub use checkpoint::{load_encoder, save_encoder, LoadOptions, LoadReport};
 pub use config::{Activation, EncoderConfig, Layout};
-pub use encoder::{Encoder, EncoderInput, EncoderOutput, ForwardOptions};
+pub use encoder::{AllReady, Encoder, EncoderInput, EncoderOutput, ForwardOptions, ParamsReady};
 pub use params::{Params, Parts};

@@ -2,7 +2,7 @@
 
 use super::batch::DeviceBatch;
 use crate::loss::cross_entropy;
-use crate::model::{Encoder, ForwardOptions};
+use crate::model::{AllReady, Encoder, EncoderOutput, ForwardOptions, ParamsReady};
 use anyhow::Result;
 use candle_core::{Tensor, Var};
 use rand_chacha::ChaCha8Rng;
@@ -30,13 +30,43 @@ pub struct StepLoss {
 
 /// Work that must be done before the student's forward reads its parameters: the previous
 /// step's parameter update, which the training loop holds back until then (see
-/// `trainer`'s `Deferred`) so that an objective with work of its own that does not read the
-/// student (a frozen teacher's forward) can run that work meanwhile.
-pub type BeforeStudent<'a> = &'a mut (dyn FnMut() -> Result<()> + Send);
+/// `trainer`'s `Deferred`) so that other work can run meanwhile: an objective's own work
+/// that does not read the student (a frozen teacher's forward), after which it calls
+/// [`PendingUpdate::settle`], or the student's forward itself, block by block
+/// ([`PendingUpdate::beside`]).
+pub trait PendingUpdate: Send {
+    /// Applies the update now (nothing if none is pending).
+    fn settle(&mut self) -> Result<()>;
+
+    /// Runs `forward` (the student's, through [`Encoder::forward_beside`] and the
+    /// [`ParamsReady`] it is given) beside the update, which makes `student`'s parameters
+    /// final in the order that forward reads them; returns `forward`'s result once both are
+    /// done.
+    fn beside(&mut self, student: &Encoder, forward: StudentForward) -> Result<EncoderOutput>;
+}
+
+/// The student's forward, run by [`PendingUpdate::beside`].
+pub type StudentForward<'a> = &'a mut (dyn FnMut(&dyn ParamsReady) -> Result<EncoderOutput> + Send);
+
+pub type BeforeStudent<'a> = &'a mut dyn PendingUpdate;
+
+/// Nothing held back: the parameters are final.
+pub struct NoUpdate;
+
+impl PendingUpdate for NoUpdate {
+    fn settle(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn beside(&mut self, _student: &Encoder, forward: StudentForward) -> Result<EncoderOutput> {
+        forward(&AllReady)
+    }
+}
 
 pub trait Objective: Sync {
-    /// The loss of `student` on `batch` in training mode (dropout from `rng`), calling
-    /// `before_student` once, before anything reads the student's parameters.
+    /// The loss of `student` on `batch` in training mode (dropout from `rng`), having
+    /// `before_student` applied (settled, or run beside the student's forward) before anything
+    /// reads the student's parameters.
     fn loss_after(
         &self,
         student: &Encoder,
@@ -54,7 +84,7 @@ pub trait Objective: Sync {
         progress: Progress,
         rng: &mut ChaCha8Rng,
     ) -> Result<StepLoss> {
-        self.loss_after(student, batch, progress, rng, &mut || Ok(()))
+        self.loss_after(student, batch, progress, rng, &mut NoUpdate)
     }
 
     /// Extra trainable variables the objective owns (e.g. projections), saved with the
@@ -77,8 +107,11 @@ impl Objective for MlmObjective {
         rng: &mut ChaCha8Rng,
         before_student: BeforeStudent,
     ) -> Result<StepLoss> {
-        before_student()?;
-        let out = student.forward(&batch.input(), ForwardOptions::default(), Some(rng))?;
+        // The update beside the forward, block by block (see `optim::update_beside`).
+        let input = batch.input();
+        let out = before_student.beside(student, &mut |ready| {
+            student.forward_beside(&input, ForwardOptions::default(), Some(&mut *rng), ready)
+        })?;
         let logits = student.mlm_logits_at(&out.last_hidden_state, &batch.masked.positions)?;
         let mlm = cross_entropy(&logits, &batch.masked.targets)?;
         let mut parts = vec![("loss_mlm", mlm.to_scalar::<f32>()? as f64)];

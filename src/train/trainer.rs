@@ -4,12 +4,12 @@ use super::batch::DeviceBatch;
 use super::distributed::{next_for_rank, Dist};
 use super::eval::{evaluate, EvalResult};
 use super::metrics::Metrics;
-use super::objective::{MlmObjective, Objective, Progress};
-use super::optim::{clip_factor, global_norm, AdamW, AdamWConfig, LossScaler};
+use super::objective::{MlmObjective, Objective, PendingUpdate, Progress, StudentForward};
+use super::optim::{clip_factor, global_norm, update_beside, AdamW, AdamWConfig, LossScaler};
 use super::run_dir::{read_state, RunDir, TrainerState, OPTIMIZER_FILE, STATE_FILE};
 use super::schedule::Schedule;
 use crate::data::{Batcher, Position, Tok};
-use crate::model::{save_encoder, Encoder, Layout};
+use crate::model::{save_encoder, AllReady, Encoder, EncoderOutput, Layout};
 use crate::recipe::{OnNan, TrainingArgs};
 use crate::util::atomic_write;
 use anyhow::{bail, Context, Result};
@@ -237,11 +237,16 @@ impl Trainer<'_> {
                 // Dropout seeded by the batch's place in the step, as one process that took
                 // all `world × accum` of them in turn would seed it.
                 let mut rng = step_rng(args.seed, state.step, micro * world + rank);
-                let l =
-                    self.objective
-                        .loss_after(self.model, &db, progress, &mut rng, &mut || {
-                            Deferred::settle(&mut deferred, &mut opt)
-                        })?;
+                let l = self.objective.loss_after(
+                    self.model,
+                    &db,
+                    progress,
+                    &mut rng,
+                    &mut Held {
+                        deferred: &mut deferred,
+                        opt: &mut opt,
+                    },
+                )?;
                 let value = l.loss.to_scalar::<f32>()? as f64;
                 if !value.is_finite() {
                     finite = false;
@@ -606,6 +611,25 @@ impl Deferred {
         match pending.take() {
             Some(d) => opt.update(&d.grads, d.lr, d.scale),
             None => Ok(()),
+        }
+    }
+}
+
+/// The held-back update as the objective sees it ([`PendingUpdate`]).
+struct Held<'a> {
+    deferred: &'a mut Option<Deferred>,
+    opt: &'a mut AdamW,
+}
+
+impl PendingUpdate for Held<'_> {
+    fn settle(&mut self) -> Result<()> {
+        Deferred::settle(self.deferred, self.opt)
+    }
+
+    fn beside(&mut self, student: &Encoder, forward: StudentForward) -> Result<EncoderOutput> {
+        match self.deferred.take() {
+            Some(d) => update_beside(self.opt, d.grads, (d.lr, d.scale), student, forward),
+            None => forward(&AllReady),
         }
     }
 }
