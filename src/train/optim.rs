@@ -283,6 +283,7 @@ impl AdamW {
         Ok(())
     }
 
+    /// The moments as tensors named `m.<param>` / `v.<param>`, for saving.
     pub fn state(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
         for (name, slot) in &self.slots {
@@ -333,61 +334,6 @@ impl AdamW {
         }
         self.step = step;
         Ok(())
-    }
-}
-
-/// `n` zeros, written. `vec![0.0; n]` takes fresh zero pages from the kernel that the first
-/// update reads (mapping the shared zero page) and then writes: a copy-on-write fault and a
-/// TLB shootdown across the threads per page, ~1.5 s in the first step of a BERT-base student
-/// on these VMs. Written here, each page faults once, cheaply, when the optimiser is built.
-fn written_zeros(n: usize) -> Vec<f32> {
-    let mut v = Vec::with_capacity(n);
-    v.resize(n, 0.0f32);
-    v
-}
-
-/// The global L2 norm of a set of gradients.
-pub fn global_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
-    let mut total = 0f64;
-    for g in grads.values() {
-        total += g
-            .to_dtype(DType::F32)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f32>()? as f64;
-    }
-    Ok(total.sqrt())
-}
-
-/// The factor that clips gradients of norm `norm` to at most `max_norm` (PyTorch's
-/// `clip_grad_norm_`: `max_norm / (norm + 1e-6)` when that is below 1).
-pub fn clip_factor(norm: f64, max_norm: Option<f64>) -> f64 {
-    match max_norm {
-        Some(max) if max > 0.0 => (max / (norm + 1e-6)).min(1.0),
-        _ => 1.0,
-    }
-}
-
-/// Dynamic loss scaling for fp16 mixed precision, as PyTorch's `GradScaler` (same defaults):
-/// the loss is multiplied by `scale` before the backward pass so that small gradients survive
-/// in float16; the gradients are divided by it again in the update. A step whose gradients
-/// are not all finite is skipped and the scale halved; after `growth_interval` good steps in
-/// a row the scale doubles. Saved with the trainer state, so a resumed run goes on with it.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct LossScaler {
-    pub scale: f64,
-    /// Good steps since the scale last changed.
-    pub good_steps: u64,
-    pub growth_interval: u64,
-}
-
-impl Default for LossScaler {
-    fn default() -> Self {
-        LossScaler {
-            scale: LossScaler::INIT_SCALE,
-            good_steps: 0,
-            growth_interval: 2000,
-        }
     }
 }
 
@@ -463,6 +409,61 @@ pub fn update_beside<R: Send>(
     );
     updated?;
     out
+}
+
+/// `n` zeros, written. `vec![0.0; n]` takes fresh zero pages from the kernel that the first
+/// update reads (mapping the shared zero page) and then writes: a copy-on-write fault and a
+/// TLB shootdown across the threads per page, ~1.5 s in the first step of a BERT-base student
+/// on these VMs. Written here, each page faults once, cheaply, when the optimiser is built.
+fn written_zeros(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    v.resize(n, 0.0f32);
+    v
+}
+
+/// The global L2 norm of a set of gradients.
+pub fn global_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
+    let mut total = 0f64;
+    for g in grads.values() {
+        total += g
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
+    }
+    Ok(total.sqrt())
+}
+
+/// The factor that clips gradients of norm `norm` to at most `max_norm` (PyTorch's
+/// `clip_grad_norm_`: `max_norm / (norm + 1e-6)` when that is below 1).
+pub fn clip_factor(norm: f64, max_norm: Option<f64>) -> f64 {
+    match max_norm {
+        Some(max) if max > 0.0 => (max / (norm + 1e-6)).min(1.0),
+        _ => 1.0,
+    }
+}
+
+/// Dynamic loss scaling for fp16 mixed precision, as PyTorch's `GradScaler` (same defaults):
+/// the loss is multiplied by `scale` before the backward pass so that small gradients survive
+/// in float16; the gradients are divided by it again in the update. A step whose gradients
+/// are not all finite is skipped and the scale halved; after `growth_interval` good steps in
+/// a row the scale doubles. Saved with the trainer state, so a resumed run goes on with it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LossScaler {
+    pub scale: f64,
+    /// Good steps since the scale last changed.
+    pub good_steps: u64,
+    pub growth_interval: u64,
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        LossScaler {
+            scale: LossScaler::INIT_SCALE,
+            good_steps: 0,
+            growth_interval: 2000,
+        }
+    }
 }
 
 impl LossScaler {

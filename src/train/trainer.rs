@@ -597,8 +597,9 @@ impl Trainer<'_> {
 /// An optimizer step held back: the averaged gradients, the learning rate and the factor
 /// (clipping, loss-scale removal) they are applied with. Applying it as the next step's
 /// student forward begins, rather than at the end of this step, gives the same parameters
-/// to everything that reads them, and lets a distillation objective run its teachers'
-/// forwards while the update streams through memory (see [`Objective::loss_after`]).
+/// to everything that reads them, and lets the update stream through memory while products
+/// compute: a distillation objective runs its teachers' forwards beside it, the MLM objective
+/// its own forward, block by block (see [`Objective::loss_after`], [`PendingUpdate`]).
 struct Deferred {
     grads: BTreeMap<String, Tensor>,
     lr: f64,
