@@ -99,12 +99,30 @@ fn small_model(seed: u64) -> (distil::model::Encoder, BTreeMap<String, Tensor>) 
     (Encoder::new(cfg, params).unwrap(), grads)
 }
 
-fn small_input() -> (Tensor, Tensor) {
-    let ids: Vec<u32> = (0..2 * 16).map(|i| (i * 37 % 117 + 3) as u32).collect();
-    let ids = Tensor::from_vec(ids, (2, 16), &Device::Cpu).unwrap();
-    let mut mask = vec![1u32; 32];
-    mask[28..].fill(0);
-    (ids, Tensor::from_vec(mask, (2, 16), &Device::Cpu).unwrap())
+/// Two sequences of 16 ids, the second with four padding positions at its end.
+struct SmallInput {
+    ids: Tensor,
+    mask: Tensor,
+}
+
+impl SmallInput {
+    fn new() -> Self {
+        let ids: Vec<u32> = (0..2 * 16).map(|i| (i * 37 % 117 + 3) as u32).collect();
+        let mut mask = vec![1u32; 32];
+        mask[28..].fill(0);
+        SmallInput {
+            ids: Tensor::from_vec(ids, (2, 16), &Device::Cpu).unwrap(),
+            mask: Tensor::from_vec(mask, (2, 16), &Device::Cpu).unwrap(),
+        }
+    }
+
+    fn input(&self) -> distil::model::EncoderInput<'_> {
+        distil::model::EncoderInput {
+            input_ids: &self.ids,
+            attention_mask: Some(&self.mask),
+            token_type_ids: None,
+        }
+    }
 }
 
 fn params_of(enc: &distil::model::Encoder) -> BTreeMap<String, Vec<f32>> {
@@ -195,15 +213,11 @@ impl distil::model::ParamsReady for Hidden {
 /// gives `forward`'s output bit for bit.
 #[test]
 fn forward_beside_reads_each_group_only_once_it_is_ready() {
-    use distil::model::{EncoderInput, ForwardOptions};
+    use distil::model::ForwardOptions;
     use rand::SeedableRng;
     let (enc, _) = small_model(5);
-    let (ids, mask) = small_input();
-    let input = EncoderInput {
-        input_ids: &ids,
-        attention_mask: Some(&mask),
-        token_type_ids: None,
-    };
+    let batch = SmallInput::new();
+    let input = batch.input();
     let rng = || rand_chacha::ChaCha8Rng::seed_from_u64(9);
     let want = enc
         .forward(&input, ForwardOptions::default(), Some(&mut rng()))
@@ -245,15 +259,11 @@ fn forward_beside_reads_each_group_only_once_it_is_ready() {
 /// update followed by the forward.
 #[test]
 fn update_beside_gives_what_updating_first_gives() {
-    use distil::model::{EncoderInput, ForwardOptions};
+    use distil::model::ForwardOptions;
     use distil::train::optim::update_beside;
     use rand::SeedableRng;
-    let (ids, mask) = small_input();
-    let input = EncoderInput {
-        input_ids: &ids,
-        attention_mask: Some(&mask),
-        token_type_ids: None,
-    };
+    let batch = SmallInput::new();
+    let input = batch.input();
     let rng = || rand_chacha::ChaCha8Rng::seed_from_u64(11);
     let cfg = AdamWConfig::default();
     let (first, grads) = small_model(7);
