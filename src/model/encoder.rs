@@ -101,6 +101,25 @@ impl Block {
             transposed: None,
         })
     }
+
+    /// The ids of every tensor the layer reads: its linears' weights and biases and its
+    /// layer norms' (the fields [`Block::layer_weights`] takes, biases optional here).
+    fn tensor_ids(&self) -> Vec<candle_core::TensorId> {
+        let lins = [
+            &self.query,
+            &self.key,
+            &self.value,
+            &self.attn_out,
+            &self.intermediate,
+            &self.output,
+        ];
+        let norms = [&self.attn_norm, &self.out_norm];
+        lins.iter()
+            .flat_map(|l| std::iter::once(&l.weight).chain(l.bias.as_ref()))
+            .chain(norms.iter().flat_map(|n| [&n.weight, &n.bias]))
+            .map(Tensor::id)
+            .collect()
+    }
 }
 
 struct MlmHead {
@@ -407,28 +426,7 @@ impl Encoder {
     /// everything else, in which an update running beside [`Encoder::forward_beside`] makes
     /// the parameters final.
     pub fn block_params(&self) -> Vec<Vec<candle_core::TensorId>> {
-        self.blocks
-            .iter()
-            .map(|blk| {
-                let lins = [
-                    &blk.query,
-                    &blk.key,
-                    &blk.value,
-                    &blk.attn_out,
-                    &blk.intermediate,
-                    &blk.output,
-                ];
-                let mut ids: Vec<_> = lins
-                    .iter()
-                    .flat_map(|l| std::iter::once(&l.weight).chain(l.bias.as_ref()))
-                    .map(Tensor::id)
-                    .collect();
-                for n in [&blk.attn_norm, &blk.out_norm] {
-                    ids.extend([n.weight.id(), n.bias.id()]);
-                }
-                ids
-            })
-            .collect()
+        self.blocks.iter().map(Block::tensor_ids).collect()
     }
 
     /// [`Encoder::forward`] while the parameters are still being updated beside it: waits on

@@ -48,6 +48,7 @@ pub trait PendingUpdate: Send {
 /// The student's forward, run by [`PendingUpdate::beside`].
 pub type StudentForward<'a> = &'a mut (dyn FnMut(&dyn ParamsReady) -> Result<EncoderOutput> + Send);
 
+/// How an objective is handed the held-back update ([`Objective::loss_after`]).
 pub type BeforeStudent<'a> = &'a mut dyn PendingUpdate;
 
 /// Nothing held back: the parameters are final.
