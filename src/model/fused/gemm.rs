@@ -143,37 +143,108 @@ pub fn gemm_bias(dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat, bias: &[f32], t
     };
 }
 
-/// `dst (m × n, row stride dst_rs) = a · b`, and `sums[i] = Σ_k a[i][k]` (the row sums of
-/// `a`): a weight gradient `gᵀ·x` with its bias gradient, the sums added up where the
-/// product packs `gᵀ` anyway (`packed`) rather than in a pass of their own over `g`
-/// (BERT-base distillation: 9 ms of a step's backward).
-pub fn gemm_row_sums(
-    dst: &mut [f32],
+/// One product, `dst (m × n, row stride dst_rs) = [dst +] a · b`, with optionally a [`Then`]
+/// on its pieces (as [`gemm_then`]) and the row sums of `a`: run alone ([`Job::run`]) or
+/// beside another ([`gemm_both`]).
+pub struct Job<'a> {
+    dst: &'a mut [f32],
     dst_rs: usize,
-    a: Mat,
-    b: Mat,
-    threads: usize,
-    sums: &mut [f32],
-) {
-    let (m, n) = checked(dst, dst_rs, &a, &b);
-    assert!(
-        sums.len() >= m,
-        "gemm_row_sums: {} sums for {m} rows",
-        sums.len()
-    );
-    let s = super::SharedMut::new(sums);
-    // Safety: bounds checked above; `dst` and `sums` are borrowed mutably for the call.
-    unsafe {
-        product(
-            dst.as_mut_ptr(),
+    a: Mat<'a>,
+    b: Mat<'a>,
+    acc: Acc,
+    then: Option<Then<'a>>,
+    sums: Option<&'a mut [f32]>,
+}
+
+impl<'a> Job<'a> {
+    /// `dst = a · b`; panics as [`gemm`] does when the shapes do not fit.
+    pub fn new(dst: &'a mut [f32], dst_rs: usize, a: Mat<'a>, b: Mat<'a>) -> Self {
+        checked(dst, dst_rs, &a, &b);
+        Job {
+            dst,
             dst_rs,
-            (m, n),
             a,
             b,
-            (Acc::Overwrite, 1.0, None, Some(s)),
-            threads,
-            None,
-        )
+            acc: Acc::Overwrite,
+            then: None,
+            sums: None,
+        }
+    }
+
+    /// `dst += a · b` with [`Acc::Add`].
+    pub fn acc(self, acc: Acc) -> Self {
+        Job { acc, ..self }
+    }
+
+    /// `then` on each finished piece (with [`Acc::Overwrite`] only).
+    pub fn then(self, then: Option<Then<'a>>) -> Self {
+        assert!(
+            then.is_none() || self.acc == Acc::Overwrite,
+            "gemm: a then with Acc::Add"
+        );
+        Job { then, ..self }
+    }
+
+    /// Also `sums[i] = Σ_k a[i][k]` (the m row sums of `a`): for a weight gradient `gᵀ·x`
+    /// its bias gradient, added up where the product packs `gᵀ` anyway (`packed`) rather
+    /// than in a pass of their own over `g` (BERT-base distillation: 9 ms of a step's
+    /// backward).
+    pub fn row_sums(self, sums: &'a mut [f32]) -> Self {
+        let m = self.a.rows;
+        assert!(sums.len() >= m, "gemm: {} sums for {m} rows", sums.len());
+        Job {
+            sums: Some(sums),
+            ..self
+        }
+    }
+
+    /// Whether this product, on one thread, goes through our packing.
+    fn packed(&self) -> bool {
+        let (m, n) = (self.a.rows, self.b.cols);
+        m > 0 && n > 0 && self.a.cols > 0 && super::packed::suits(&self.a, &self.b)
+    }
+
+    /// Runs the product on `threads` threads.
+    pub fn run(self, threads: usize) {
+        self.run_in(threads, None)
+    }
+
+    /// Runs the product on `threads` threads, or as task `pair.1` of a pair.
+    fn run_in(self, threads: usize, pair: Option<(&super::packed::Pair, usize)>) {
+        let (m, n) = (self.a.rows, self.b.cols);
+        let sums = self.sums.map(super::SharedMut::new);
+        // Safety: `checked` in `new`; `dst` and `sums` are borrowed mutably for the call.
+        unsafe {
+            product(
+                self.dst.as_mut_ptr(),
+                self.dst_rs,
+                (m, n),
+                self.a,
+                self.b,
+                (self.acc, 1.0, self.then, sums),
+                threads,
+                pair,
+            )
+        }
+    }
+}
+
+/// Two independent products (a linear's backward: `dx = g·W` and `dW = gᵀ·x`). On two
+/// threads, where our packing takes both, each runs whole on a thread of its own, the two
+/// balancing each other strip by strip at the end ([`super::packed::Pair`]): each thread then
+/// packs its product's operands once, where each product split in two packs one of its
+/// operands on both threads (x for the weight gradient, g for dx). Otherwise one after the
+/// other, each on all `threads`.
+pub fn gemm_both(first: Job, second: Job, threads: usize) {
+    if threads == 2 && first.packed() && second.packed() {
+        let pair = super::packed::Pair::default();
+        rayon::join(
+            || first.run_in(1, Some((&pair, 0))),
+            || second.run_in(1, Some((&pair, 1))),
+        );
+    } else {
+        first.run(threads);
+        second.run(threads);
     }
 }
 
@@ -207,7 +278,7 @@ pub unsafe fn gemm_raw(
 }
 
 /// How a product's result is combined, and the extra work it does: `(acc, scale, then,
-/// sums)`, `sums` (m elements) for the row sums of `a` ([`gemm_row_sums`]).
+/// sums)`, `sums` (m elements) for the row sums of `a` ([`Job::row_sums`]).
 type Extras<'a> = (Acc, f32, Option<Then<'a>>, Option<super::SharedMut>);
 
 /// [`gemm_raw`] with an optional [`Then`] and row sums. With `pair`, this (unthreaded)
@@ -651,7 +722,9 @@ mod tests {
             let want = naive(am, bm);
             let mut dst = vec![7f32; m * n];
             let mut sums = vec![f32::NAN; m];
-            gemm_row_sums(&mut dst, n, am, bm, threads, &mut sums);
+            Job::new(&mut dst, n, am, bm)
+                .row_sums(&mut sums)
+                .run(threads);
             let what = format!("{m}x{k}x{n} on {threads}");
             assert_block(&dst, n, (m, n), |i, j| want[i * n + j], |_| 1e-4, &what);
             for (i, &got) in sums.iter().enumerate() {
@@ -660,6 +733,63 @@ mod tests {
                     (got as f64 - want).abs() < 1e-4,
                     "{what}: sum {i} {got} vs {want}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn both_products_at_once_match_plain_ones() {
+        // A linear's backward: dx (+)= g·W with a `then`, and dW = gᵀ·x with the sums of g's
+        // columns, one a thread on AVX-512 CPUs (through `packed`, the thread done first
+        // helping the other: dW is four times dx's work), else one after the other; and
+        // shapes the gemm crate takes (n < 64), which run one after the other.
+        for (rows, inp, out, threads) in [(200, 96, 380, 2), (200, 96, 380, 1), (150, 30, 20, 2)] {
+            let g = filled(rows * out, 7, 13);
+            let w = filled(out * inp, 5, 11);
+            let x = filled(rows * inp, 3, 17);
+            let (gm, wm, xm) = (
+                Mat::rm(&g, rows, out),
+                Mat::rm(&w, out, inp),
+                Mat::rm(&x, rows, inp),
+            );
+            let (want_dx, want_dw) = (naive(gm, wm), naive(gm.t(), xm));
+            let what = format!("{rows}x{inp}x{out} on {threads}");
+            let then = |r: usize, c0: usize, v: &mut [f32]| {
+                for (j, e) in v.iter_mut().enumerate() {
+                    *e = 2.0 * *e + ((r * 1000 + c0 + j) as f32) * 1e-3;
+                }
+            };
+            for acc in [Acc::Overwrite, Acc::Add] {
+                let mut dx = vec![0.5f32; rows * inp];
+                let mut dw = vec![7f32; out * inp];
+                let mut sums = vec![f32::NAN; out];
+                let dx_job = Job::new(&mut dx, inp, gm, wm).acc(acc);
+                let dx_job = match acc {
+                    Acc::Overwrite => dx_job.then(Some(&then)),
+                    Acc::Add => dx_job,
+                };
+                let dw_job = Job::new(&mut dw, inp, gm.t(), xm).row_sums(&mut sums);
+                gemm_both(dx_job, dw_job, threads);
+                let dx_want = |i, j| match acc {
+                    Acc::Overwrite => 2.0 * want_dx[i * inp + j] + (i * 1000 + j) as f64 * 1e-3,
+                    Acc::Add => 0.5 + want_dx[i * inp + j],
+                };
+                assert_block(&dx, inp, (rows, inp), dx_want, |_| 1e-3, &what);
+                assert_block(
+                    &dw,
+                    inp,
+                    (out, inp),
+                    |i, j| want_dw[i * inp + j],
+                    |_| 1e-3,
+                    &what,
+                );
+                for (i, &got) in sums.iter().enumerate() {
+                    let want: f64 = (0..rows).map(|r| g[r * out + i] as f64).sum();
+                    assert!(
+                        (got as f64 - want).abs() < 1e-3,
+                        "{what}: sum {i} {got} vs {want}"
+                    );
+                }
             }
         }
     }
