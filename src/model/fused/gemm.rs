@@ -469,8 +469,9 @@ unsafe fn split(
 /// transpose of 94 MB, BERT-base) for 154 rows of `a`. BERT-base distillation, in-process (20
 /// pairs): the student's head −1.5 ± 0.2 ms (won 19), the teacher's forward −2.0 ± 1.7; each
 /// thread's half 19.9 → 19.0 ms (`gemm_shapes` "decoder fwd" 360 → 375 GFLOP/s). Less than
-/// the packing cost because the microkernel stores a transposed tile element by element (6%
-/// in a probe) and the last 25 of 153 rows run its 32-row kernel.
+/// the packing cost because the microkernel stored a transposed tile element by element (6%
+/// in a probe; now through a scratch block, see `packed::Pass::strip_through_scratch`) and
+/// the last 25 of 153 rows run its 32-row kernel.
 ///
 /// # Safety
 /// As [`gemm_raw`]'s destination.
