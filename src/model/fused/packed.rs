@@ -357,12 +357,49 @@ impl Pass<'_> {
     /// As [`run`]'s, for the blocks the pass points at.
     #[cfg(target_arch = "x86_64")]
     unsafe fn strip(&self, s: usize) {
-        use gemm_f32::microkernel::avx512f::f32::UKR;
         if self.scratch {
             return self.strip_through_scratch(s);
         }
         let jr = s * NR;
         let nn = NR.min(self.nb - jr);
+        let at = (self.j0 + jr) * self.ucs + self.i0 * self.urs;
+        self.tiles(jr, nn, self.dst.add(at), (self.ucs, self.urs), self.status);
+        if let Some(bias) = self.bias {
+            // The strip's nn columns of the transposed result: mb rows of it, each nn floats.
+            add_columns(
+                self.dst.add(at),
+                self.urs,
+                self.mb,
+                bias.add(self.j0 + jr),
+                nn,
+            );
+        }
+        if let Some(f) = self.then {
+            for t in 0..nn {
+                let row = self.j0 + jr + t;
+                let piece = self.dst.add(row * self.dst_rs + self.i0);
+                f(row, self.i0, std::slice::from_raw_parts_mut(piece, self.mb));
+            }
+        }
+    }
+
+    /// The microkernel over every panel of the block of L against R's columns `jr..jr + nn`:
+    /// element `(i, j)` of that block (`i` from the block's first row of L, `j` from `jr`) at
+    /// `dst + i·rs + j·cs`, overwritten (`status` 0) or accumulated (1).
+    ///
+    /// # Safety
+    /// As [`Pass::strip`]'s, `dst` valid for the block.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn tiles(
+        &self,
+        jr: usize,
+        nn: usize,
+        dst: *mut f32,
+        (cs, rs): (usize, usize),
+        status: u8,
+    ) {
+        use gemm_f32::microkernel::avx512f::f32::UKR;
         let rp = if self.r_packed {
             self.rptr.add(jr * self.kb)
         } else {
@@ -376,41 +413,23 @@ impl Pass<'_> {
                 mm,
                 nn,
                 self.kb,
-                self.dst
-                    .add((self.j0 + jr) * self.ucs + (self.i0 + ir) * self.urs),
+                dst.add(ir * rs),
                 self.lpack.add(ir / MR * self.lstride),
                 rp,
-                self.ucs as isize,
-                self.urs as isize,
+                cs as isize,
+                rs as isize,
                 MR as isize,
                 self.rrs,
                 self.rcs,
                 1.0,
                 self.scale,
-                self.status,
+                status,
                 false,
                 false,
                 false,
                 std::ptr::null(),
             );
             ir += MR;
-        }
-        if let Some(bias) = self.bias {
-            // The strip's nn columns of the transposed result: mb rows of it, each nn floats.
-            add_columns(
-                self.dst.add((self.j0 + jr) * self.ucs + self.i0 * self.urs),
-                self.urs,
-                self.mb,
-                bias.add(self.j0 + jr),
-                nn,
-            );
-        }
-        if let Some(f) = self.then {
-            for t in 0..nn {
-                let row = self.j0 + jr + t;
-                let piece = self.dst.add(row * self.dst_rs + self.i0);
-                f(row, self.i0, std::slice::from_raw_parts_mut(piece, self.mb));
-            }
         }
     }
 
@@ -427,48 +446,15 @@ impl Pass<'_> {
     /// As [`Pass::strip`]'s; only for a product of one block of depth that overwrites.
     #[cfg(target_arch = "x86_64")]
     unsafe fn strip_through_scratch(&self, s: usize) {
-        use gemm_f32::microkernel::avx512f::f32::UKR;
         debug_assert_eq!(self.status, 0);
         let jr0 = s * GROUP;
         let width = GROUP.min(self.nb - jr0);
         let ld = self.mb.next_multiple_of(LANES);
         SCRATCH.with(|buf| {
             let tile = aligned(&mut buf.borrow_mut(), GROUP * ld);
-            let mut jr = jr0;
-            while jr < jr0 + width {
+            for jr in (jr0..jr0 + width).step_by(NR) {
                 let nn = NR.min(jr0 + width - jr);
-                let rp = if self.r_packed {
-                    self.rptr.add(jr * self.kb)
-                } else {
-                    self.rptr.offset(jr as isize * self.rcs)
-                };
-                let mut ir = 0;
-                while ir < self.mb {
-                    let mm = MR.min(self.mb - ir);
-                    let kernel = UKR[mm.div_ceil(LANES) - 1][nn - 1];
-                    kernel(
-                        mm,
-                        nn,
-                        self.kb,
-                        tile.add((jr - jr0) * ld + ir),
-                        self.lpack.add(ir / MR * self.lstride),
-                        rp,
-                        ld as isize,
-                        1,
-                        MR as isize,
-                        self.rrs,
-                        self.rcs,
-                        1.0,
-                        self.scale,
-                        0,
-                        false,
-                        false,
-                        false,
-                        std::ptr::null(),
-                    );
-                    ir += MR;
-                }
-                jr += nn;
+                self.tiles(jr, nn, tile.add((jr - jr0) * ld), (ld, 1), 0);
             }
             for jb in (0..width).step_by(LANES) {
                 let live = LANES.min(width - jb);
