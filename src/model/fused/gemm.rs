@@ -176,12 +176,9 @@ impl<'a> Job<'a> {
         Job { acc, ..self }
     }
 
-    /// `then` on each finished piece (with [`Acc::Overwrite`] only).
+    /// `then` on each finished piece (with [`Acc::Overwrite`] only: checked when the product
+    /// runs, whatever order the two were set in).
     pub fn then(self, then: Option<Then<'a>>) -> Self {
-        assert!(
-            then.is_none() || self.acc == Acc::Overwrite,
-            "gemm: a then with Acc::Add"
-        );
         Job { then, ..self }
     }
 
@@ -211,6 +208,10 @@ impl<'a> Job<'a> {
 
     /// Runs the product on `threads` threads, or as task `pair.1` of a pair.
     fn run_in(self, threads: usize, pair: Option<(&super::packed::Pair, usize)>) {
+        assert!(
+            self.then.is_none() || self.acc == Acc::Overwrite,
+            "gemm: a then with Acc::Add"
+        );
         let (m, n) = (self.a.rows, self.b.cols);
         let sums = self.sums.map(super::SharedMut::new);
         // Safety: `checked` in `new`; `dst` and `sums` are borrowed mutably for the call.
@@ -793,6 +794,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    #[should_panic(expected = "a then with Acc::Add")]
+    fn a_then_with_accumulation_is_refused_whatever_the_order_it_was_set_in() {
+        let (a, b) = (filled(4 * 3, 7, 13), filled(3 * 5, 5, 11));
+        let mut dst = vec![0f32; 4 * 5];
+        let then = |_: usize, _: usize, _: &mut [f32]| {};
+        Job::new(&mut dst, 5, Mat::rm(&a, 4, 3), Mat::rm(&b, 3, 5))
+            .then(Some(&then))
+            .acc(Acc::Add)
+            .run(1);
     }
 
     #[test]

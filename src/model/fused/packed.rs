@@ -976,8 +976,9 @@ unsafe fn add_rows(sums: *mut f32, r: Operand, p0: usize, depth: usize, nb: usiz
 }
 
 /// Transposes the `live × depth` block at `src` (row stride `rs`, rows contiguous) into
-/// `depth` rows of 16 at `dst` (row stride `drs`): `dst[q·drs + i] = src[i·rs + q]`, with
-/// rows `i ≥ live` read as zero.
+/// `depth` rows at `dst` (row stride `drs`): `dst[q·drs + i] = src[i·rs + q] [+ bias[i]]`,
+/// with rows `i ≥ live` read as zero, each destination row written in its first `keep`
+/// lanes (of 16) only, `bias` (when given) read for those lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn transpose16(
