@@ -616,6 +616,19 @@ pub(crate) mod testing {
         }
     }
 
+    /// Asserts that `sums[i]` is the sum of column `i` of `g` (row-major, `sums.len()`
+    /// columns) to within `tol`; `what` names the case.
+    pub fn assert_column_sums(sums: &[f32], g: &[f32], tol: f64, what: &str) {
+        let cols = sums.len();
+        for (i, &got) in sums.iter().enumerate() {
+            let want: f64 = g.iter().skip(i).step_by(cols).map(|&v| v as f64).sum();
+            assert!(
+                (got as f64 - want).abs() < tol,
+                "{what}: sum {i} {got} vs {want}"
+            );
+        }
+    }
+
     /// `len` values in [-0.6, 0.6) from a short cycle (`step` apart modulo `period`).
     pub fn filled(len: usize, step: usize, period: usize) -> Vec<f32> {
         (0..len)
@@ -626,7 +639,7 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::{assert_block, filled, naive};
+    use super::testing::{assert_block, assert_column_sums, filled, naive};
     use super::*;
 
     #[test]
@@ -729,13 +742,7 @@ mod tests {
                 .run(threads);
             let what = format!("{m}x{k}x{n} on {threads}");
             assert_block(&dst, n, (m, n), |i, j| want[i * n + j], |_| 1e-4, &what);
-            for (i, &got) in sums.iter().enumerate() {
-                let want: f64 = (0..k).map(|p| g[p * m + i] as f64).sum();
-                assert!(
-                    (got as f64 - want).abs() < 1e-4,
-                    "{what}: sum {i} {got} vs {want}"
-                );
-            }
+            assert_column_sums(&sums, &g, 1e-4, &what);
         }
     }
 
@@ -785,13 +792,7 @@ mod tests {
                     |_| 1e-3,
                     &what,
                 );
-                for (i, &got) in sums.iter().enumerate() {
-                    let want: f64 = (0..rows).map(|r| g[r * out + i] as f64).sum();
-                    assert!(
-                        (got as f64 - want).abs() < 1e-3,
-                        "{what}: sum {i} {got} vs {want}"
-                    );
-                }
+                assert_column_sums(&sums, &g, 1e-3, &what);
             }
         }
     }
