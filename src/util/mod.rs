@@ -9,8 +9,11 @@ use anyhow::{Context, Result};
 pub const SPLITMIX_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// SplitMix64: `z` plus [`SPLITMIX_GAMMA`], through its finaliser. A deterministic 64-bit mix,
-/// used for held-out splits, the benches' shared batch and the GPU dropout hash (whose CUDA
-/// twin is `keep_scale` in `model/cuda/kernels.cu`).
+/// used for held-out splits, the benches' shared batch and the dropout masks (element `i` of
+/// a mask drawn under `seed` is kept when the top 24 bits of `splitmix64(seed + i·γ)` are at
+/// least `p·2²⁴`: [`crate::model::fused::dropout::Mask::draw`] on the CPU, `keep_scale` in
+/// `model/cuda/kernels.cu` on a GPU).
+#[inline]
 pub fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(SPLITMIX_GAMMA);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
