@@ -1,0 +1,127 @@
+//! This CPU's fp32 FMA peak on one thread against gemm's AVX-512 microkernel (the one every
+//! product of `src/model/fused/packed.rs` runs) on packed operands that stay in cache: how
+//! much of a step's time outside the peak can be the microkernel's own.
+//!
+//! ```text
+//! cargo bench --bench microkernel_peak
+//! ```
+//!
+//! The peak: twelve independent AVX-512 FMA chains (two FMA pipes, four cycles' latency: enough
+//! to keep both busy; sixteen spill, the compiler keeping to zmm0–15 here). The microkernel: `x4x6` (64 × 6 tile, what `packed` uses) and the
+//! edge kernels `x2x6`/`x3x6`, called on one tile of packed L and R at depths 154 (the MLM
+//! decoder's masked rows) and 768 (a BERT-base layer), so L is in L1 or L2. Session 20, Zen 5
+//! EPYC: peak 269 GFLOP/s a core (a C loop of the same FMAs: 264), the kernels 96–99% of it.
+
+#[cfg(target_arch = "x86_64")]
+fn main() {
+    if !std::arch::is_x86_feature_detected!("avx512f") {
+        println!("no AVX-512 here: nothing to measure");
+        return;
+    }
+    // Safety: AVX-512F checked above.
+    let peak = unsafe { fma_peak() };
+    println!("fp32 FMA peak, one thread: {peak:.1} GFLOP/s");
+    for (k, mi, m) in [
+        (768usize, 3usize, 64usize),
+        (768, 2, 48),
+        (768, 1, 32),
+        (154, 3, 64),
+    ] {
+        let g = microkernel(k, mi, m);
+        println!(
+            "microkernel {m} x 6, depth {k}: {g:.1} GFLOP/s ({:.1}% of the peak)",
+            100.0 * g / peak
+        );
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn main() {
+    println!("not an x86-64 CPU: nothing to measure");
+}
+
+/// GFLOP/s of twelve independent chains of `a = a·b + c` on 16 lanes, best of three.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_peak() -> f64 {
+    use std::arch::x86_64::*;
+    let (b, c) = (_mm512_set1_ps(0.999_999_9), _mm512_set1_ps(1e-8));
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let one = _mm512_set1_ps(1.0);
+        let (mut a0, mut a1, mut a2, mut a3, mut a4, mut a5) = (one, one, one, one, one, one);
+        let (mut a6, mut a7, mut a8, mut a9, mut a10, mut a11) = (one, one, one, one, one, one);
+        let iters = 20_000_000usize;
+        let t = std::time::Instant::now();
+        for _ in 0..iters {
+            // Twelve named chains (three per pipe at four cycles' latency), all in registers.
+            a0 = _mm512_fmadd_ps(a0, b, c);
+            a1 = _mm512_fmadd_ps(a1, b, c);
+            a2 = _mm512_fmadd_ps(a2, b, c);
+            a3 = _mm512_fmadd_ps(a3, b, c);
+            a4 = _mm512_fmadd_ps(a4, b, c);
+            a5 = _mm512_fmadd_ps(a5, b, c);
+            a6 = _mm512_fmadd_ps(a6, b, c);
+            a7 = _mm512_fmadd_ps(a7, b, c);
+            a8 = _mm512_fmadd_ps(a8, b, c);
+            a9 = _mm512_fmadd_ps(a9, b, c);
+            a10 = _mm512_fmadd_ps(a10, b, c);
+            a11 = _mm512_fmadd_ps(a11, b, c);
+        }
+        let dt = t.elapsed().as_secs_f64();
+        let a = [a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11];
+        let sum: f32 = a.iter().map(|&v| _mm512_reduce_add_ps(v)).sum();
+        std::hint::black_box(sum);
+        best = best.max((iters * 12 * 16 * 2) as f64 / dt / 1e9);
+    }
+    best
+}
+
+/// GFLOP/s of gemm's microkernel `UKR[mi][5]` (`m` rows × 6 columns) on one tile of packed
+/// operands of depth `k`, called repeatedly, best of three.
+#[cfg(target_arch = "x86_64")]
+fn microkernel(k: usize, mi: usize, m: usize) -> f64 {
+    use gemm_f32::microkernel::avx512f::f32::UKR;
+    let lhs = vec![0.01f32; 64 * k + 64];
+    let rhs = vec![0.02f32; 6 * k + 64];
+    let mut dst = vec![0f32; 64 * 6 + 64];
+    let kernel = UKR[mi][5];
+    let reps = 1_000_000_000 / (m * 6 * k * 2);
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            // Safety: the tile's operands and destination are inside the buffers above (L
+            // panels 64 floats a depth, R 6, the destination 64 × 6 column-major).
+            unsafe {
+                kernel(
+                    m,
+                    6,
+                    k,
+                    dst.as_mut_ptr(),
+                    lhs.as_ptr(),
+                    rhs.as_ptr(),
+                    64,
+                    1,
+                    64,
+                    6,
+                    1,
+                    1.0,
+                    1.0,
+                    0,
+                    false,
+                    false,
+                    false,
+                    std::ptr::null(),
+                )
+            };
+        }
+        let dt = t.elapsed().as_secs_f64();
+        std::hint::black_box(&dst);
+        best = best.max((m * 6 * k * 2 * reps) as f64 / dt / 1e9);
+    }
+    best
+}
