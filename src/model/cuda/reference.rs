@@ -4,12 +4,11 @@
 //! run only adds the kernels' own arithmetic, which mirrors these line for line.
 
 use crate::model::fused::math::erf;
-use crate::util::{splitmix64, SPLITMIX_GAMMA};
+use crate::util::dropout_draw;
 
 /// Inverted dropout's factor for element `i` (`keep_scale` in `kernels.cu`).
 pub fn keep_scale(seed: u64, i: u64, p: f32, scale: f32) -> f32 {
-    let z = splitmix64(seed.wrapping_add(i.wrapping_mul(SPLITMIX_GAMMA)));
-    let u = (z >> 40) as f32 * (1.0 / 16_777_216.0);
+    let u = dropout_draw(seed, i) as f32 * (1.0 / 16_777_216.0);
     if u < p {
         0.0
     } else {

@@ -2,19 +2,19 @@
 //! whose backward reuses the mask.
 //!
 //! One `u64` is drawn from the caller's ChaCha RNG per mask; element `i` of the mask is then
-//! kept when the top 24 bits of SplitMix64's `i`-th output from that seed are at least
-//! `p · 2²⁴`: a hash of the element's index, so the mask is the same whatever the thread
-//! count, a resumed run draws exactly what an uninterrupted one does, and it is the mask the
-//! GPU kernels draw from the same seed (`keep_scale` in `model/cuda/kernels.cu`, its CPU twin
+//! kept when its [`dropout_draw`] under that seed, as a fraction of 2²⁴, is at least `p`: a
+//! hash of the element's index, so the mask is the same whatever the thread count, a resumed
+//! run draws exactly what an uninterrupted one does, and it is the mask the GPU kernels draw
+//! from the same seed (`keep_scale` in `model/cuda/kernels.cu`, its CPU twin
 //! [`crate::model::cuda::reference::keep_scale`]). The hash vectorises (AVX-512: eight
-//! elements a register): 0.125 ns an element on one thread against 0.505 for the ChaCha8
-//! stream per block of 16 K elements (16 bits an element) it replaced, 2^24 elements on a Zen
-//! 5 EPYC; BERT-base, in-process alternating steps: distillation, the student's forward −7.2 ±
+//! elements a register): 0.121–0.129 ns an element on one thread against 0.503–0.508 for the
+//! ChaCha8 stream per block of 16 K elements (16 bits an element) it replaced, 2^24 elements
+//! on a Zen 5 EPYC; BERT-base, in-process alternating steps: distillation, the student's forward −7.2 ±
 //! 2.5 ms (30 pairs, 26 won), the phase it shares with the teacher −3.7 ± 2.5; MLM training
 //! −10.2 ± 2.9 a step (20 pairs, 15 won).
 
 use super::{copy_then, cpu_out, cpu_slice, tensor, Read};
-use crate::util::{splitmix64, SPLITMIX_GAMMA};
+use crate::util::dropout_draw;
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rand::Rng;
@@ -81,8 +81,7 @@ fn keep_threshold(p: f32) -> u64 {
 ))]
 fn draw_keep(keep: &mut [u8], seed: u64, first: u64, threshold: u64) {
     for (j, k) in keep.iter_mut().enumerate() {
-        let z = splitmix64(seed.wrapping_add((first + j as u64).wrapping_mul(SPLITMIX_GAMMA)));
-        *k = (z >> 40 >= threshold) as u8;
+        *k = (dropout_draw(seed, first + j as u64) >= threshold) as u8;
     }
 }
 
