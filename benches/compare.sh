@@ -237,6 +237,14 @@ pairs = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(d, p)]
 rss = med(d, "peak_rss_mb") / med(p, "peak_rss_mb")
 if any(any(v) for v in disturbed.values()):
     print("* other processes used more than 0.25 CPU on average during that run")
+# Both sides ask glibc's malloc for transparent huge pages; the kernel grants them only where it
+# finds free 2 MB blocks (BERT-base distillation on 4 KB pages, session 21: teacher phase 8-16 ms and
+# backward ~6 ms slower a step).
+hp = {f: [r.get("huge_pages_mb") for r in rs] for f, rs in runs.items()}
+huge = {f: statistics.median(v) if v and None not in v else None for f, v in hp.items()}
+if all(v is not None for v in huge.values()):
+    print("in transparent huge pages at the end (MB, median over runs): "
+          + ", ".join(f"{f} {huge[f]:.0f} of {med(rs, 'peak_rss_mb'):.0f}" for f, rs in runs.items()))
 if lockstep:
     print(f"\ndistil / pytorch tokens/s: {ratio:.2f}x (the median steps); peak RSS {rss:.2f}x")
     print(open(f"{out}/lockstep.txt").read().strip())

@@ -51,7 +51,8 @@
 //! of the timed steps is reported, with the medians of its parts (`encoder_s`; `head_s`:
 //! MLM head + loss; `backward_s`; `optim_s`; in distill mode also `teacher_s`). One JSON
 //! line, as torch_step.py prints: `tokens_per_s = batch * seq / median_s`; `peak_rss_mb` is the process's VmHWM (read
-//! before the matmul peak is measured); `matmul_flops` counts the matmuls the step really
+//! before the matmul peak is measured), `huge_pages_mb` its memory in transparent huge pages
+//! at that time; `matmul_flops` counts the matmuls the step really
 //! does (2·m·n·k each, ×3 with the backward), `gflops` is that over `median_s`, and
 //! `peak_gflops` is the best of a few `--peak-size`³ fp32 candle matmuls on the same
 //! threads, so `pct_of_peak` is this step's share of it.
@@ -162,6 +163,15 @@ const W_COSINE: f64 = 1.0;
 fn vm_hwm_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// The process's anonymous memory in transparent huge pages now (`AnonHugePages` of
+/// `/proc/self/smaps_rollup`), MB: whether the kernel granted the huge pages asked for.
+fn anon_huge_mb() -> Option<f64> {
+    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    let line = rollup.lines().find(|l| l.starts_with("AnonHugePages:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }
@@ -472,6 +482,7 @@ fn main() -> Result<()> {
     let min_s = totals.iter().cloned().fold(f64::INFINITY, f64::min);
     let max_s = totals.iter().cloned().fold(0.0, f64::max);
     let peak_rss_mb = vm_hwm_mb().unwrap_or(f64::NAN);
+    let huge_mb = anon_huge_mb();
 
     let head_rows = if distill || (train && args.head_on == HeadOn::Masked) {
         n_masked
@@ -500,6 +511,7 @@ fn main() -> Result<()> {
         ("tokens_per_s", round(tokens as f64 / median_s, 1).into()),
         ("median_s", round(median_s, 6).into()),
         ("peak_rss_mb", round(peak_rss_mb, 1).into()),
+        ("huge_pages_mb", huge_mb.map(|m| round(m, 1)).into()),
         ("min_s", round(min_s, 6).into()),
         ("max_s", round(max_s, 6).into()),
         ("iters", args.iters.into()),

@@ -38,7 +38,8 @@ Inputs are fixed random ids (seed 0). Each of --warmup + --iters steps is timed 
 (perf_counter, with cuda synchronize on GPU); the median of the --iters timed steps is reported, with the medians of its parts
 (encoder_s, head_s: MLM head + loss, backward_s, optim_s). Prints one JSON line;
 tokens_per_s = batch * seq / median_s; peak_rss_mb is the process's peak resident set size
-(ru_maxrss, includes the Python/torch runtime, read before --peak runs); matmul_flops counts
+(ru_maxrss, includes the Python/torch runtime, read before --peak runs), huge_pages_mb its
+memory in transparent huge pages at that time; matmul_flops counts
 the matmuls the step does (2*m*n*k each, x3 with the backward; the optimiser is not counted)
 and gflops is that over median_s. --peak also times a few --peak-size^3 fp32 torch.mm and
 reports the best as peak_gflops.
@@ -85,6 +86,19 @@ def matmul_flops(shape: dict, batch: int, seq: int, head_rows: int, layers: int 
     per_layer = 2 * t * h * h * 4 + 2 * t * h * f * 2 + 2 * batch * seq * seq * h * 2
     layers = shape["num_hidden_layers"] if layers is None else layers
     return float(layers * per_layer + 2 * head_rows * h * h + 2 * head_rows * h * v)
+
+
+def anon_huge_mb() -> float | None:
+    """The process's anonymous memory in transparent huge pages now (AnonHugePages of
+    /proc/self/smaps_rollup), MB: whether the kernel granted the huge pages asked for."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def shared_batch(tokens: int, vocab: int, low: int, n_masked: int) -> tuple[list[int], list[int]]:
@@ -415,6 +429,7 @@ def main() -> int:
 
     median_s = statistics.median(times)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    huge_pages_mb = anon_huge_mb()
     head_on_masked = distill or args.mode == "train" and args.head_on == "masked"
     head_rows = int(masked.sum()) if head_on_masked else args.batch * args.seq
     if distill:
@@ -431,6 +446,7 @@ def main() -> int:
         "tokens_per_s": round(args.batch * args.seq / median_s, 1),
         "median_s": round(median_s, 6),
         "peak_rss_mb": round(peak_rss_mb, 1),
+        "huge_pages_mb": None if huge_pages_mb is None else round(huge_pages_mb, 1),
         "min_s": round(min(times), 6),
         "max_s": round(max(times), 6),
         "iters": args.iters,
