@@ -160,20 +160,25 @@ const W_SOFT: f64 = 5.0;
 const W_HARD: f64 = 2.0;
 const W_COSINE: f64 = 1.0;
 
-fn vm_hwm_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+/// The `key:` line of a `/proc/self` file that gives a size in kB, in MB.
+fn proc_self_mb(file: &str, key: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/self/{file}")).ok()?;
+    let line = text
+        .lines()
+        .find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }
 
+/// The process's peak resident set (`VmHWM`), MB.
+fn vm_hwm_mb() -> Option<f64> {
+    proc_self_mb("status", "VmHWM")
+}
+
 /// The process's anonymous memory in transparent huge pages now (`AnonHugePages` of
-/// `/proc/self/smaps_rollup`), MB: whether the kernel granted the huge pages asked for.
+/// `smaps_rollup`), MB: whether the kernel granted the huge pages asked for.
 fn anon_huge_mb() -> Option<f64> {
-    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
-    let line = rollup.lines().find(|l| l.starts_with("AnonHugePages:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
+    proc_self_mb("smaps_rollup", "AnonHugePages")
 }
 
 fn round(x: f64, digits: i32) -> f64 {
