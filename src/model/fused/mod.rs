@@ -29,6 +29,7 @@ pub mod layer_norm;
 pub mod linear;
 pub mod losses;
 pub mod math;
+pub mod microkernel;
 pub mod packed;
 
 use candle_core::backend::BackendStorage;

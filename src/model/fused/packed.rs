@@ -1,6 +1,7 @@
-//! A single-threaded blocked product over the gemm crate's own AVX-512 microkernel
-//! (`gemm_f32::microkernel::avx512f`), with packing of our own and room for work on each
-//! finished strip of the result.
+//! A single-threaded blocked product over gemm's AVX-512 microkernel (our copy of its full
+//! tile, [`super::microkernel`], which prefetches; the crate's `gemm_f32::microkernel::avx512f`
+//! for edge tiles), with packing of our own and room for work on each finished strip of the
+//! result.
 //!
 //! Why not `gemm::gemm` for everything: gemm packs an operand stored across the direction it
 //! needs one element at a time (a scalar load and store per element), the layout of `x·Wᵀ` with
@@ -10,7 +11,8 @@
 //! gemm_shapes -- base 2`). And since the loop is ours, a [`Then`] runs on each strip of NR
 //! rows right after the microkernel wrote it, still in L1: a linear's bias, activation and
 //! dropout, the FFN backward's `act'`, which were passes over the whole output after the
-//! product. The microkernel, the blocking (`kernel_params`) and the loop order are gemm's.
+//! product. The microkernel's arithmetic, the blocking (`kernel_params`) and the loop order
+//! are gemm's.
 //! On an AVX-512 CPU every unthreaded product big enough goes through here (see [`suits`]);
 //! the gemm crate takes the rest, and everything on other CPUs.
 //!
@@ -421,13 +423,27 @@ impl Pass<'_> {
         let mut ir = 0;
         while ir < self.mb {
             let mm = MR.min(self.mb - ir);
+            let lp = self.lpack.add(ir / MR * self.lstride);
+            if mm == MR && nn == NR && rs == 1 {
+                // Full tiles: our copy of gemm's kernel (see `microkernel`), prefetching L on
+                // the block's first strip, where its panels are not yet in L1 or L2.
+                use super::microkernel::{x4x6, L_AHEAD};
+                let (d, rr) = (dst.add(ir), (self.rrs, self.rcs));
+                if jr == 0 {
+                    x4x6::<L_AHEAD>(self.kb, d, cs, lp, rp, rr, self.scale, status);
+                } else {
+                    x4x6::<0>(self.kb, d, cs, lp, rp, rr, self.scale, status);
+                }
+                ir += MR;
+                continue;
+            }
             let kernel = UKR[mm.div_ceil(LANES) - 1][nn - 1];
             kernel(
                 mm,
                 nn,
                 self.kb,
                 dst.add(ir * rs),
-                self.lpack.add(ir / MR * self.lstride),
+                lp,
                 rp,
                 cs as isize,
                 rs as isize,
