@@ -150,8 +150,21 @@ mod tests {
             for (rhs, rrs, rcs) in [(&rows, 1isize, ld as isize), (&packed, NR as isize, 1)] {
                 for status in [0u8, 1] {
                     let mut want = init.clone();
-                    let mut got = init.clone();
-                    let mut got_pf = init.clone();
+                    // Ours into a copy of `init`, without or with the prefetch.
+                    let ours = |prefetch: bool| {
+                        let mut out = init.clone();
+                        let (d, l, r) = (out.as_mut_ptr(), lhs.as_ptr(), rhs.as_ptr());
+                        // Safety: as gemm's call below.
+                        unsafe {
+                            if prefetch {
+                                x4x6::<L_AHEAD>(k, d, 70, l, r, (rrs, rcs), 0.5, status);
+                            } else {
+                                x4x6::<0>(k, d, 70, l, r, (rrs, rcs), 0.5, status);
+                            }
+                        }
+                        out
+                    };
+                    let (got, got_pf) = (ours(false), ours(true));
                     // Safety: AVX-512 checked; the buffers hold the tile (columns 70 apart).
                     unsafe {
                         UKR[3][5](
@@ -173,27 +186,6 @@ mod tests {
                             false,
                             false,
                             std::ptr::null(),
-                        );
-                        let args = (rhs.as_ptr(), (rrs, rcs));
-                        x4x6::<0>(
-                            k,
-                            got.as_mut_ptr(),
-                            70,
-                            lhs.as_ptr(),
-                            args.0,
-                            args.1,
-                            0.5,
-                            status,
-                        );
-                        x4x6::<L_AHEAD>(
-                            k,
-                            got_pf.as_mut_ptr(),
-                            70,
-                            lhs.as_ptr(),
-                            args.0,
-                            args.1,
-                            0.5,
-                            status,
                         );
                     }
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
