@@ -81,8 +81,24 @@ unsafe fn fma_peak() -> f64 {
     best
 }
 
+/// GFLOP/s of `call` doing `flop` floating-point operations, called about a GFLOP's worth of
+/// times in a row, best of three.
+#[cfg(target_arch = "x86_64")]
+fn best_gflops(flop: usize, mut call: impl FnMut()) -> f64 {
+    let reps = 1_000_000_000 / flop;
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            call();
+        }
+        best = best.max((flop * reps) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
 /// GFLOP/s of gemm's microkernel `UKR[mi][5]` (`m` rows × 6 columns) on one tile of packed
-/// operands of depth `k`, called repeatedly, best of three.
+/// operands of depth `k`.
 #[cfg(target_arch = "x86_64")]
 fn microkernel(k: usize, mi: usize, m: usize) -> f64 {
     use gemm_f32::microkernel::avx512f::f32::UKR;
@@ -90,41 +106,33 @@ fn microkernel(k: usize, mi: usize, m: usize) -> f64 {
     let rhs = vec![0.02f32; 6 * k + 64];
     let mut dst = vec![0f32; 64 * 6 + 64];
     let kernel = UKR[mi][5];
-    let reps = 1_000_000_000 / (m * 6 * k * 2);
-    let mut best = 0f64;
-    for _ in 0..3 {
-        let t = std::time::Instant::now();
-        for _ in 0..reps {
-            // Safety: the tile's operands and destination are inside the buffers above (L
-            // panels 64 floats a depth, R 6, the destination 64 × 6 column-major).
-            unsafe {
-                kernel(
-                    m,
-                    6,
-                    k,
-                    dst.as_mut_ptr(),
-                    lhs.as_ptr(),
-                    rhs.as_ptr(),
-                    64,
-                    1,
-                    64,
-                    6,
-                    1,
-                    1.0,
-                    1.0,
-                    0,
-                    false,
-                    false,
-                    false,
-                    std::ptr::null(),
-                )
-            };
-        }
-        let dt = t.elapsed().as_secs_f64();
+    best_gflops(m * 6 * k * 2, || {
+        // Safety: the tile's operands and destination are inside the buffers above (L
+        // panels 64 floats a depth, R 6, the destination 64 × 6 column-major).
+        unsafe {
+            kernel(
+                m,
+                6,
+                k,
+                dst.as_mut_ptr(),
+                lhs.as_ptr(),
+                rhs.as_ptr(),
+                64,
+                1,
+                64,
+                6,
+                1,
+                1.0,
+                1.0,
+                0,
+                false,
+                false,
+                false,
+                std::ptr::null(),
+            )
+        };
         std::hint::black_box(&dst);
-        best = best.max((m * 6 * k * 2 * reps) as f64 / dt / 1e9);
-    }
-    best
+    })
 }
 
 /// GFLOP/s of our copy of the `x4x6` kernel (without its prefetches), as [`microkernel`].
@@ -133,28 +141,20 @@ fn ours(k: usize) -> f64 {
     let lhs = vec![0.01f32; 64 * k];
     let rhs = vec![0.02f32; 6 * k];
     let mut dst = vec![0f32; 64 * 6 + 64];
-    let reps = 1_000_000_000 / (64 * 6 * k * 2);
-    let mut best = 0f64;
-    for _ in 0..3 {
-        let t = std::time::Instant::now();
-        for _ in 0..reps {
-            // Safety: AVX-512F checked in `main`; the operands as in `microkernel`.
-            unsafe {
-                distil::model::fused::microkernel::x4x6::<0>(
-                    k,
-                    dst.as_mut_ptr(),
-                    64,
-                    lhs.as_ptr(),
-                    rhs.as_ptr(),
-                    (6, 1),
-                    1.0,
-                    0,
-                )
-            };
-        }
-        let dt = t.elapsed().as_secs_f64();
+    best_gflops(64 * 6 * k * 2, || {
+        // Safety: AVX-512F checked in `main`; the operands as in `microkernel`.
+        unsafe {
+            distil::model::fused::microkernel::x4x6::<0>(
+                k,
+                dst.as_mut_ptr(),
+                64,
+                lhs.as_ptr(),
+                rhs.as_ptr(),
+                (6, 1),
+                1.0,
+                0,
+            )
+        };
         std::hint::black_box(&dst);
-        best = best.max((64 * 6 * k * 2 * reps) as f64 / dt / 1e9);
-    }
-    best
+    })
 }

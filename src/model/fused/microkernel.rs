@@ -23,7 +23,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-/// Rows of L in a tile (four registers of 16 floats).
+/// Rows of L in a tile (four registers of 16 floats), for `packed` and gemm's kernels alike.
 pub const MR: usize = 64;
 /// Columns of R in a tile.
 pub const NR: usize = 6;

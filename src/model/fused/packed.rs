@@ -30,8 +30,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize};
 /// f32 lanes in one AVX-512 register.
 const LANES: usize = 16;
 /// The microkernel's tile: MR rows of L (4 registers) by NR columns of R.
-const MR: usize = 4 * LANES;
-const NR: usize = 6;
+use super::microkernel::{MR, NR};
 /// Rows in a strip of the result: a [`Then`] sees row `r` of a strip, then row `r + STRIP`
 /// (same columns) of the next one after its product.
 pub const STRIP: usize = NR;
